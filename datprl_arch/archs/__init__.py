@@ -1,0 +1,1 @@
+"""archs of datprl, registered into BasicSR on import."""

@@ -1,0 +1,1 @@
+"""data of datprl, registered into BasicSR on import."""

@@ -1,0 +1,1 @@
+"""losses of datprl, registered into BasicSR on import."""

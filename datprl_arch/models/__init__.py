@@ -1,0 +1,1 @@
+"""models of datprl, registered into BasicSR on import."""
