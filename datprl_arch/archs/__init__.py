@@ -1,1 +1,2 @@
-"""archs of datprl, registered into BasicSR on import."""
+"""Networks of datprl, registered into BasicSR's ARCH_REGISTRY on import."""
+from . import datprl_arch, restormer_arch  # noqa: F401  (registration)

@@ -1,0 +1,9 @@
+"""The backbone-independent prompt system: pools, queries, composition and gated fusion."""
+from .compose import SingleKeyAttention
+from .fusion import PromptedBlock
+from .pool import PoolOutput, PromptPool
+from .query import PoolQuery
+from .system import PoolSpec, PromptState, PromptSystem
+
+__all__ = ['PoolOutput', 'PoolQuery', 'PoolSpec', 'PromptPool', 'PromptState', 'PromptSystem', 'PromptedBlock',
+           'SingleKeyAttention']

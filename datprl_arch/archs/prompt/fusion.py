@@ -1,0 +1,113 @@
+"""Adaptive gated fusion (AGF): injecting the composed prompt ``c [B, P]`` into a block's features ``x [B, C, H, W]``.
+
+Every prompted block owns a gate pair ``(feature_weight, prompt_weight)``; ``(a_f, a_p) = softmax`` of the pair
+weighs features against the prompt. Three fusion modes:
+
+- ``cross_attention``: pixels attend to the prompt. The prompt is a single key, so the softmax is exactly 1 and the
+  result is a per-sample, per-channel bias: ``x_in = a_f*x + W_out(a_p*W_v(LN(c)))``. We compute that closed form
+  once per sample; the per-pixel query/output projections of the official code are skipped (``literal`` keeps them).
+- ``concat``: ``x_in = conv1x1([a_f*x ; a_p*W_p c])``; the prompt half of the 1x1 convolution is a per-sample bias.
+- ``adaptive_modulation``: ``[s ; t] = MLP(c)``, ``x_in = a_f*x*(1 + a_p*s) + a_p*t``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+FUSIONS = ('cross_attention', 'concat', 'adaptive_modulation')
+GATE_INIT = 0.5
+DEAD_CROSS_ATTENTION = ('cross_attn_q', 'cross_attn_k')  # cannot affect the output (single-key softmax)
+
+
+def _bias_map(bias: torch.Tensor) -> torch.Tensor:
+    """[B, C] -> [B, C, 1, 1], broadcast over the pixels."""
+    return bias[:, :, None, None]
+
+
+class PromptedBlock(nn.Module):
+    """Mixin for backbone blocks that take a prompt. A block calls ``build_fusion`` after creating its own layers
+    (official key order: gates first, fusion layers after the block's layers) and ``fuse(x, prompt)`` in forward.
+
+    Parameters are registered on the block itself, with official names, so official checkpoints load unchanged.
+    With ``prompt_dim=None`` nothing is created and ``fuse`` is the identity (a plain backbone block).
+    """
+
+    fusion_method: Optional[str] = None
+
+    def build_fusion(self, dim: int, prompt_dim: Optional[int], method: str = 'cross_attention',
+                     lean: bool = False, literal: bool = False) -> None:
+        """Create the AGF gates and the ``method`` layers for ``dim`` channels and a ``prompt_dim`` prompt.
+
+        ``lean`` skips the dead ``cross_attn_q``/``cross_attn_k`` (their official weights are dropped on load);
+        ``literal`` computes the fusion per pixel exactly as the official code (benchmark baseline).
+        """
+        if prompt_dim is None:
+            return
+        if method not in FUSIONS:
+            raise ValueError(f"fusion_method must be one of {FUSIONS}, got '{method}'")
+        if lean and literal:
+            raise ValueError('lean=True drops the projections that literal=True computes; choose one')
+        self.fusion_method, self.lean, self.literal = method, lean, literal
+        self.feature_weight = nn.Parameter(torch.tensor([GATE_INIT]))
+        self.prompt_weight = nn.Parameter(torch.tensor([GATE_INIT]))
+        if method == 'cross_attention':
+            if not lean:
+                self.cross_attn_q = nn.Linear(dim, dim)
+                self.cross_attn_k = nn.Linear(prompt_dim, dim)
+            self.cross_attn_v = nn.Linear(prompt_dim, dim)
+            self.cross_attn_out = nn.Linear(dim, dim)
+            self.prompt_norm = nn.LayerNorm(prompt_dim)
+        elif method == 'concat':
+            self.prompt_projection = nn.Linear(prompt_dim, dim)
+            self.prompt_fusion = nn.Conv2d(2 * dim, dim, 1)
+        else:
+            self.prompt_mlp = nn.Sequential(nn.Linear(prompt_dim, 2 * dim), nn.ReLU(inplace=True),
+                                            nn.Linear(2 * dim, 2 * dim))
+
+    def gates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """AGF weights ``(a_f, a_p)``, each of shape [1], summing to 1."""
+        a = torch.cat([self.feature_weight, self.prompt_weight]).softmax(dim=0)
+        return a[0:1], a[1:2]
+
+    def fuse(self, x: torch.Tensor, prompt: Optional[torch.Tensor]) -> torch.Tensor:
+        """x ``[B, C, H, W]``, prompt ``[B, P]`` or None -> fused features ``[B, C, H, W]``."""
+        if self.fusion_method is None or prompt is None:
+            return x
+        a_f, a_p = self.gates()
+        if self.fusion_method == 'cross_attention':
+            if self.literal:
+                return self._literal_cross_attention(x, prompt, a_f, a_p)
+            return a_f * x + _bias_map(self.cross_attn_out(a_p * self.cross_attn_v(self.prompt_norm(prompt))))
+        if self.fusion_method == 'concat':
+            prompt_map = a_p * self.prompt_projection(prompt)
+            if self.literal:
+                return self.prompt_fusion(torch.cat([a_f * x, _bias_map(prompt_map).expand_as(x)], dim=1))
+            weight = self.prompt_fusion.weight.flatten(1)
+            channels = x.shape[1]
+            bias = F.linear(prompt_map, weight[:, channels:], self.prompt_fusion.bias)
+            return F.conv2d(x, self.prompt_fusion.weight[:, :channels] * a_f) + _bias_map(bias)
+        scale, shift = self.prompt_mlp(prompt).chunk(2, dim=-1)
+        return a_f * x * (1 + a_p * _bias_map(scale)) + a_p * _bias_map(shift)
+
+    def _literal_cross_attention(self, x, prompt, a_f, a_p):
+        """The official per-pixel computation: every pixel attends to the one prompt token."""
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)  # [B, HW, C]
+        prompt = self.prompt_norm(prompt)[:, None]  # [B, 1, P]
+        q = a_f * self.cross_attn_q(tokens)
+        k = a_p * self.cross_attn_k(prompt)
+        v = a_p * self.cross_attn_v(prompt)
+        attn = (q @ k.transpose(1, 2) / math.sqrt(c)).softmax(dim=-1)  # [B, HW, 1]
+        out = self.cross_attn_out(attn @ v)
+        return a_f * x + out.transpose(1, 2).reshape(b, c, h, w)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if getattr(self, 'lean', False):  # official checkpoints carry the dead projections: drop them
+            for name in DEAD_CROSS_ATTENTION:
+                for key in [k for k in state_dict if k.startswith(f'{prefix}{name}.')]:
+                    del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

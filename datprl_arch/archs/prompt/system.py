@@ -1,0 +1,88 @@
+"""The prompt system of a DATPRL network: queries, the two pools and their composition, independent of the backbone.
+
+A backbone network mixes in ``PromptSystem``, builds its own layers, then calls ``build_prompt_system`` (so the
+prompt parameters follow the backbone's in the state_dict, as in official checkpoints). In ``forward`` it calls
+``compose_prompt(stem, deep)`` once and hands the returned prompt to every prompted block. The last retrieval is kept
+in ``prompt_state`` for the prompt-pool losses and analysis, so the BasicSR ``forward(x)`` signature is unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .compose import SingleKeyAttention, check_composition, composed_dim, feed_forward
+from .pool import PoolOutput, PromptPool
+from .query import DOMAIN_QUERY_GRID, TASK_QUERY_GRID, PoolQuery
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Size P, width D and selection count k of one prompt pool."""
+    size: int
+    dim: int
+    top_k: int
+
+
+@dataclass
+class PromptState:
+    """One forward's prompt retrieval: queries ``[B, D]``, pool outputs, composed prompt ``[B, P]``."""
+    task_query: torch.Tensor
+    task: PoolOutput
+    prompt: torch.Tensor
+    domain_query: Optional[torch.Tensor] = None
+    domain: Optional[PoolOutput] = None
+
+
+class PromptSystem(nn.Module):
+    """Mixin for networks with a task prompt pool and an optional domain prompt pool.
+
+    Official parameter names are kept: ``degradation_prompt_pool``/``degradation_mapper`` are the task pool and its
+    query, ``domain_prompt_pool``/``domain_mapper`` the domain pool and its query, ``prompt_cross_attention``,
+    ``prompt_fusion_norm`` and ``prompt_fusion_ffn`` the cross-attention composition.
+    """
+
+    prompt_state: Optional[PromptState] = None
+
+    def build_prompt_system(self, stem_channels: int, deep_channels: int, task: PoolSpec,
+                            domain: Optional[PoolSpec], value_num_tokens: int,
+                            composition: str = 'cross_attention', lean: bool = False, literal: bool = False) -> int:
+        """Create the prompt modules; returns the width of the composed prompt the blocks receive.
+
+        The domain query reads the stem features (``stem_channels``), the task query the deepest encoder
+        features (``deep_channels``). ``domain=None`` gives the task-pool-only system.
+        """
+        self.composition = composition if domain is not None else None
+        if domain is not None:
+            check_composition(composition, domain.dim, task.dim)
+            self.domain_prompt_pool = PromptPool(domain.size, domain.dim, domain.top_k, value_num_tokens)
+        self.degradation_prompt_pool = PromptPool(task.size, task.dim, task.top_k, value_num_tokens)
+        if domain is not None:
+            self.domain_mapper = PoolQuery(stem_channels, domain.dim, DOMAIN_QUERY_GRID)
+        self.degradation_mapper = PoolQuery(deep_channels, task.dim, TASK_QUERY_GRID)
+        if domain is None:
+            return task.dim
+        if composition == 'cross_attention':
+            self.prompt_cross_attention = SingleKeyAttention(domain.dim, lean=lean, literal=literal)
+            self.prompt_fusion_norm = nn.LayerNorm(domain.dim)
+            self.prompt_fusion_ffn = feed_forward(domain.dim)
+        return composed_dim(domain.dim, task.dim, composition)
+
+    def compose_prompt(self, stem: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
+        """stem ``[B, Cs, H, W]``, deep ``[B, Cd, h, w]`` -> domain-aware task prompt ``[B, P]``."""
+        task_query = self.degradation_mapper(deep)
+        task = self.degradation_prompt_pool(task_query)
+        if self.composition is None:
+            self.prompt_state = PromptState(task_query, task, task.prompt)
+            return task.prompt
+        domain_query = self.domain_mapper(stem)
+        domain = self.domain_prompt_pool(domain_query)
+        if self.composition == 'concat':
+            prompt = torch.cat([domain.prompt, task.prompt], dim=-1)
+        else:
+            fused = self.prompt_fusion_norm(domain.prompt + self.prompt_cross_attention(domain.prompt, task.prompt))
+            prompt = fused + self.prompt_fusion_ffn(fused)
+        self.prompt_state = PromptState(task_query, task, prompt, domain_query, domain)
+        return prompt
