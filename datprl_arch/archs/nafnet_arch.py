@@ -1,0 +1,135 @@
+"""DATPRL on a NAFNet backbone (registered as DualPromptNAFNetv3): NAF blocks with gated prompt fusion after
+their first norm, the same prompt system as the Restormer variant, zero padding to a multiple of 2^levels."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from basicsr.utils.registry import ARCH_REGISTRY
+
+from ..utils.registry import register
+from .padding import pad_to_multiple
+from .prompt import PoolSpec, PromptedBlock, PromptSystem
+from .prompt.compose import composed_dim
+
+NAF_NORM_EPS = 1e-6
+
+
+class NAFLayerNorm(nn.Module):
+    """Layer norm over the channels of ``[B, C, H, W]`` (eps 1e-6), keys ``weight``/``bias``."""
+
+    def __init__(self, dim: int, literal: bool = False):
+        super().__init__()
+        self.literal = literal
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.literal:  # the official per-channel statistics on the map
+            mean = x.mean(1, keepdim=True)
+            var = (x - mean).pow(2).mean(1, keepdim=True)
+            return self.weight[:, None, None] * (x - mean) / (var + NAF_NORM_EPS).sqrt() + self.bias[:, None, None]
+        return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias,
+                            NAF_NORM_EPS).permute(0, 3, 1, 2)
+
+
+def simple_gate(x: torch.Tensor) -> torch.Tensor:
+    """Product of the two channel halves: ``[B, 2C, H, W] -> [B, C, H, W]``."""
+    x1, x2 = x.chunk(2, dim=1)
+    return x1 * x2
+
+
+class NAFBlock(PromptedBlock):
+    """NAFNet block; with ``prompt_dim`` set, the prompt is fused into the normalised input of the first branch."""
+
+    def __init__(self, c: int, dw_expand: int = 2, ffn_expand: int = 2, drop_out_rate: float = 0.0,
+                 prompt_dim: Optional[int] = None, fusion_method: str = 'cross_attention',
+                 lean: bool = False, literal: bool = False):
+        super().__init__()
+        dw, ffn = c * dw_expand, c * ffn_expand
+        self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.conv1 = nn.Conv2d(c, dw, 1)
+        self.conv2 = nn.Conv2d(dw, dw, 3, padding=1, groups=dw)
+        self.conv3 = nn.Conv2d(dw // 2, c, 1)
+        self.sca = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(dw // 2, dw // 2, 1))
+        self.conv4 = nn.Conv2d(c, ffn, 1)
+        self.conv5 = nn.Conv2d(ffn // 2, c, 1)
+        self.norm1 = NAFLayerNorm(c, literal)
+        self.norm2 = NAFLayerNorm(c, literal)
+        self.dropout1 = nn.Dropout(drop_out_rate) if drop_out_rate > 0 else nn.Identity()
+        self.dropout2 = nn.Dropout(drop_out_rate) if drop_out_rate > 0 else nn.Identity()
+        self.build_fusion(c, prompt_dim, fusion_method, lean, literal)
+
+    def forward(self, inp: torch.Tensor, prompt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = simple_gate(self.conv2(self.conv1(self.fuse(self.norm1(inp), prompt))))
+        y = inp + self.dropout1(self.conv3(x * self.sca(x))) * self.beta
+        x = self.conv5(simple_gate(self.conv4(self.norm2(y))))
+        return y + self.dropout2(x) * self.gamma
+
+
+@register(ARCH_REGISTRY, aliases=('DualPromptNAFNetv3',))
+class DATPRLNAFNet(PromptSystem):
+    """DATPRL with a NAFNet backbone: plain NAF encoder, prompted middle and decoder blocks, additive skips.
+
+    Args (official names; ``degradation`` = task): img_channel, width, middle_blk_num, enc_blk_nums, dec_blk_nums
+    as in NAFNet; pool and fusion arguments, ``lean``, ``literal`` and ``pad_mode`` as in ``DATPRLRestormer``.
+    """
+
+    def __init__(self, img_channel: int = 3, width: int = 32, middle_blk_num: int = 12,
+                 enc_blk_nums: Sequence[int] = (2, 2, 4, 8), dec_blk_nums: Sequence[int] = (2, 2, 2, 2),
+                 use_prompt: bool = True, domain_pool_size: int = 6, degradation_pool_size: int = 12,
+                 domain_prompt_dim: int = 1024, degradation_prompt_dim: int = 1024, domain_top_k: int = 3,
+                 degradation_top_k: int = 3, value_num_tokens: int = 5,
+                 prompt_fusion_method: str = 'cross_attention', fusion_method: str = 'cross_attention',
+                 lean: bool = False, literal: bool = False, pad_mode: str = 'constant'):
+        super().__init__()
+        if len(enc_blk_nums) != len(dec_blk_nums):
+            raise ValueError(f'enc_blk_nums {list(enc_blk_nums)} and dec_blk_nums {list(dec_blk_nums)} '
+                             'must have one entry per level')
+        self.use_prompt, self.pad_mode = use_prompt, pad_mode
+        self.pad_multiple = 2**len(enc_blk_nums)
+        task = PoolSpec(degradation_pool_size, degradation_prompt_dim, degradation_top_k)
+        domain = PoolSpec(domain_pool_size, domain_prompt_dim, domain_top_k)
+        prompt_dim = composed_dim(domain.dim, task.dim, prompt_fusion_method) if use_prompt else None
+        prompted = dict(prompt_dim=prompt_dim, fusion_method=fusion_method, lean=lean, literal=literal)
+
+        self.intro = nn.Conv2d(img_channel, width, 3, padding=1)
+        self.ending = nn.Conv2d(width, img_channel, 3, padding=1)
+        self.encoders, self.decoders, self.middle_blks = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        self.ups, self.downs = nn.ModuleList(), nn.ModuleList()
+        chan = width
+        for num in enc_blk_nums:
+            self.encoders.append(nn.Sequential(*[NAFBlock(chan, literal=literal) for _ in range(num)]))
+            self.downs.append(nn.Conv2d(chan, 2 * chan, 2, stride=2))
+            chan *= 2
+        self.middle_blks.extend(NAFBlock(chan, **prompted) for _ in range(middle_blk_num))
+        for num in dec_blk_nums:
+            self.ups.append(nn.Sequential(nn.Conv2d(chan, chan * 2, 1, bias=False), nn.PixelShuffle(2)))
+            chan //= 2
+            self.decoders.append(nn.ModuleList(NAFBlock(chan, **prompted) for _ in range(num)))
+        if use_prompt:
+            self.build_prompt_system(width, width * self.pad_multiple, task, domain, value_num_tokens,
+                                     prompt_fusion_method, lean, literal)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[B, C, H, W]`` -> restored ``[B, C, H, W]`` for any H, W."""
+        h, w = x.shape[-2:]
+        padded = pad_to_multiple(x, self.pad_multiple, self.pad_mode)
+        y = stem = self.intro(padded)
+        skips = []
+        for encoder, down in zip(self.encoders, self.downs):
+            y = encoder(y)
+            skips.append(y)
+            y = down(y)
+        prompt = self.compose_prompt(stem, y) if self.use_prompt else None
+        for block in self.middle_blks:
+            y = block(y, prompt)
+        for decoder, up, skip in zip(self.decoders, self.ups, reversed(skips)):
+            y = up(y) + skip
+            for block in decoder:
+                y = block(y, prompt)
+        return (self.ending(y) + padded)[..., :h, :w]
