@@ -1,0 +1,142 @@
+"""Image decoding and encoding that keeps bit depth and channel count.
+
+BasicSR's ``imfrombytes(..., float32=True)`` decodes with ``IMREAD_COLOR`` (16-bit becomes 8-bit) and always divides
+by 255, so 16-bit medical and remote-sensing images lose their range. Here every image is decoded unchanged, scaled by
+its dtype's range into float32 ``[0, 1]`` and described by an :class:`ImageFormat` so results can be written back in
+the input's bit depth and channels.
+
+Arrays are OpenCV-style: ``(H, W, C)`` with ``C`` in {1, 3}, colour in BGR order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import cv2
+import numpy as np
+
+#: Divisors that map an integer image's dtype onto [0, 1].
+DTYPE_RANGE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+#: Channel counts a network can be fed: grayscale or colour.
+NETWORK_CHANNELS = (1, 3)
+#: The marker every complete JPEG ends with.
+_JPEG_EOI = b'\xff\xd9'
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFormat:
+    """Bit depth (8, 16 or 32 for float images) and channel count (1 or 3) of a stored image."""
+
+    bit_depth: int
+    channels: int
+
+
+class ImageDecodeError(ValueError):
+    """Raised when bytes cannot be decoded into an image."""
+
+
+def decode(content: bytes, where: str = '<bytes>') -> tuple[np.ndarray, ImageFormat]:
+    """Decode image bytes to float32 ``(H, W, C)`` in ``[0, 1]`` (BGR for colour) plus the stored format.
+
+    8-bit images are divided by 255, 16-bit by 65535; float TIFFs are kept as they are. An alpha channel is
+    dropped. ``where`` names the file in error messages.
+    """
+    if content is None:
+        raise ImageDecodeError(f'{where}: no data (missing file or LMDB key).')
+    img = cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ImageDecodeError(f'{where}: not a readable image (expected PNG, TIFF, JPEG or BMP).')
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.shape[2] == 4:
+        img = img[..., :3]
+    elif img.shape[2] == 2:  # gray + alpha
+        img = img[..., :1]
+    if img.dtype in DTYPE_RANGE:
+        fmt = ImageFormat(8 * img.dtype.itemsize, img.shape[2])
+        img = img.astype(np.float32) / DTYPE_RANGE[img.dtype]
+    elif np.issubdtype(img.dtype, np.floating):
+        fmt = ImageFormat(32, img.shape[2])
+        img = img.astype(np.float32)
+    else:
+        raise ImageDecodeError(f'{where}: unsupported pixel type {img.dtype} (expected uint8, uint16 or float).')
+    return np.ascontiguousarray(img), fmt
+
+
+def to_channels(img: np.ndarray, channels: int) -> np.ndarray:
+    """Convert ``(H, W, C)`` to ``channels`` (1 or 3): grayscale is replicated, colour is converted to luma."""
+    if channels not in NETWORK_CHANNELS:
+        raise ValueError(f'channels must be one of {NETWORK_CHANNELS}, got {channels!r}.')
+    if img.shape[2] == channels:
+        return img
+    if channels == 3:
+        return np.repeat(img, 3, axis=2)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[..., None]
+
+
+def to_stored(img: np.ndarray, fmt: ImageFormat) -> np.ndarray:
+    """Float ``(H, W, C)`` in ``[0, 1]`` → array in ``fmt``'s bit depth and channels, ready for ``cv2.imwrite``."""
+    img = to_channels(img, fmt.channels)
+    if fmt.bit_depth == 32:
+        out = img.astype(np.float32)
+    else:
+        dtype = np.uint8 if fmt.bit_depth == 8 else np.uint16
+        out = np.clip(img * DTYPE_RANGE[np.dtype(dtype)], 0, DTYPE_RANGE[np.dtype(dtype)]).round().astype(dtype)
+    return out[..., 0] if out.shape[2] == 1 else out
+
+
+def tensor_to_stored(tensor, fmt: ImageFormat) -> np.ndarray:
+    """Network output ``(C, H, W)`` or ``(1, C, H, W)`` tensor, RGB, in ``[0, 1]`` → stored-format BGR array."""
+    arr = tensor.detach().float().cpu().squeeze(0).numpy().transpose(1, 2, 0)
+    if arr.shape[2] == 3:
+        arr = arr[..., ::-1]
+    return to_stored(np.ascontiguousarray(arr), fmt)
+
+
+def write(path: str, img: np.ndarray, fmt: Optional[ImageFormat] = None) -> None:
+    """Write a float ``[0, 1]`` image in ``fmt`` (default: 8-bit, its own channels) via a temporary file + rename."""
+    fmt = fmt or ImageFormat(8, img.shape[2])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    root, ext = os.path.splitext(path)
+    ok, buf = cv2.imencode(ext, to_stored(img, fmt))
+    if not ok:
+        raise ValueError(f'Cannot encode an image as {ext!r} for {path}.')
+    tmp = f'{root}.partial{ext}'
+    with open(tmp, 'wb') as f:
+        f.write(buf.tobytes())
+    os.replace(tmp, path)
+
+
+def check_file(path: str, verify: bool = True) -> tuple[int, int]:
+    """Cheap integrity check of an image file; returns ``(H, W)`` or raises :class:`ImageDecodeError`.
+
+    Reads the header with Pillow (no decoding). With ``verify``, PNG chunk checksums are checked (catches truncation)
+    and a JPEG must end with its end-of-image marker. Formats Pillow cannot parse are fully decoded with OpenCV.
+    """
+    from PIL import Image  # Pillow ships with torchvision
+
+    try:
+        im = Image.open(path)
+    except FileNotFoundError:
+        raise ImageDecodeError(f'{path}: file not found.') from None
+    except Exception:  # not a format Pillow knows: let OpenCV decide
+        with open(path, 'rb') as f:
+            img = cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise ImageDecodeError(f'{path}: not a readable image (expected PNG, TIFF, JPEG or BMP).') from None
+        return img.shape[:2]
+    with im:
+        w, h = im.size
+        fmt = im.format
+        try:
+            if verify and fmt == 'PNG':
+                im.verify()
+        except Exception as err:  # Pillow raises several types for damaged files
+            raise ImageDecodeError(f'{path}: truncated or damaged PNG ({err}).') from None
+    if verify and fmt == 'JPEG':
+        with open(path, 'rb') as f:
+            f.seek(-len(_JPEG_EOI), os.SEEK_END)
+            if f.read() != _JPEG_EOI:
+                raise ImageDecodeError(f'{path}: truncated JPEG (no end-of-image marker).')
+    return h, w

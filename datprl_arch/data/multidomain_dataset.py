@@ -1,0 +1,232 @@
+"""Multi-domain paired dataset: many LQ/GT sources (disk or LMDB) behind one BasicSR dataset.
+
+Registered as ``DATPRLMultiDomainDataset`` and under the official names ``MultiDatasetPairedImageDataset`` and
+``MultiTaskAllInOneDataset``, whose option files it reads unchanged.
+
+Options (the dataset entry of a BasicSR option file)::
+
+    type: DATPRLMultiDomainDataset
+    datasets:                       # one entry per source
+      - name: rain_natural          # unique
+        domain: natural             # required under our name; official alias: one shared domain
+        task: derain                # required under our name; official alias: the source name
+        dataroot_gt: datasets/.../gt   # folder, or .lmdb with io_backend lmdb
+        dataroot_lq: datasets/.../lq
+        io_backend: {type: disk}    # disk | lmdb
+        meta_info_file: ~           # optional list of GT names (disk)
+        filename_tmpl: '{}'         # LQ stem from GT stem
+        augment_factor: 1           # repeats of the source in one epoch (official semantics)
+        weight: 1.0                 # share of every training batch (relative)
+        scale: 1                    # GT size = LQ size * scale
+        upsample_lq: false          # bicubically upsample LQ to GT size (scale-1 networks on x2/x4 SR data)
+        descriptions: ~             # JSON {image name: text}
+    gt_size: 128                    # training crop (GT pixels)
+    use_hflip: true
+    use_rot: true
+    channels: 3                     # channels the network sees: gray is replicated, colour converted to luma
+    sampling: balanced              # or concat (official, unbalanced)
+    sampling_seed: ~                # default: torch.initial_seed(), i.e. manual_seed + rank under BasicSR
+    domains: ~                      # optional fixed label vocabularies (keep train and val labels identical)
+    tasks: ~
+    verify_images: true             # check PNG checksums / JPEG ends of every file up front
+    color: ~                        # 'y': Y channel only (official)
+    mean: ~
+    std: ~
+
+Each item: ``lq``, ``gt`` (``(C, H, W)`` float32 in ``[0, 1]``, RGB), ``lq_path``, ``gt_path``, integer ``source``,
+``domain``, ``task`` labels and their names, ``description``, and the LQ's stored ``bit_depth`` and ``channels`` so
+results can be written back in the input format (:func:`datprl_arch.data.image_io.tensor_to_stored`).
+Training batches are balanced across sources by weight (:mod:`datprl_arch.data.sampling`).
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Optional
+
+import cv2
+import numpy as np
+import torch
+from basicsr.data.transforms import augment, paired_random_crop
+from basicsr.utils import FileClient, bgr2ycbcr, img2tensor
+from basicsr.utils.dist_util import get_dist_info
+from basicsr.utils.registry import DATASET_REGISTRY
+from torch.utils import data
+from torchvision.transforms.functional import normalize
+
+from datprl_arch.utils.registry import register
+
+from .image_io import NETWORK_CHANNELS, decode, to_channels
+from .sampling import SAMPLING_MODES, BalancedSchedule
+from .sources import Problems, Source, build_source, parse_source
+
+#: Type names under which option files written for the official code reach this dataset.
+OFFICIAL_NAMES = ('MultiDatasetPairedImageDataset', 'MultiTaskAllInOneDataset')
+#: Domain given to every source of an official option file (those have no ``domain`` key).
+SHARED_DOMAIN = 'shared'
+#: Extra LQ pixels kept around a crop before bicubic upsampling, covering the 4-tap kernel exactly.
+UPSAMPLE_MARGIN = 3
+#: Seeds are folded into this range (numpy seed sequences take non-negative integers).
+SEED_MASK = (1 << 63) - 1
+
+
+def upsample(img: np.ndarray, scale: int) -> np.ndarray:
+    """Bicubic ``scale``x upsampling of ``(H, W, C)`` float, clipped to ``[0, 1]`` like a stored image."""
+    h, w, c = img.shape
+    out = cv2.resize(img, (w * scale, h * scale), interpolation=cv2.INTER_CUBIC).reshape(h * scale, w * scale, c)
+    return np.clip(out, 0.0, 1.0)
+
+
+def crop_upsampled(gt: np.ndarray, lq: np.ndarray, gt_size: int, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random ``gt_size`` crop of GT and of the bicubically upsampled LQ, upsampling only the needed LQ region.
+
+    Identical to upsampling the whole LQ first (a margin of :data:`UPSAMPLE_MARGIN` LQ pixels covers the kernel).
+    ``gt`` is ``(H*scale, W*scale, C)``, ``lq`` is ``(H, W, C)``; both outputs are ``(gt_size, gt_size, C)``.
+    """
+    top, left = random.randint(0, gt.shape[0] - gt_size), random.randint(0, gt.shape[1] - gt_size)
+    y0, x0 = max(0, top // scale - UPSAMPLE_MARGIN), max(0, left // scale - UPSAMPLE_MARGIN)
+    y1 = min(lq.shape[0], (top + gt_size) // scale + UPSAMPLE_MARGIN + 1)
+    x1 = min(lq.shape[1], (left + gt_size) // scale + UPSAMPLE_MARGIN + 1)
+    up = upsample(lq[y0:y1, x0:x1], scale)
+    oy, ox = top - y0 * scale, left - x0 * scale
+    return gt[top:top + gt_size, left:left + gt_size], up[oy:oy + gt_size, ox:ox + gt_size]
+
+
+def _vocabulary(names: list[str], fixed: Optional[list], kind: str, problems: Problems) -> list[str]:
+    if fixed is None:
+        return list(dict.fromkeys(names))
+    fixed = [str(v) for v in fixed]
+    for name in dict.fromkeys(names):
+        if name not in fixed:
+            problems.add(kind, f'{kind[:-1]} {name!r} is not in the declared {kind} list {fixed}.')
+    return fixed
+
+
+@register(DATASET_REGISTRY, aliases=OFFICIAL_NAMES)
+class DATPRLMultiDomainDataset(data.Dataset):
+    """Paired LQ/GT images from many sources, each labelled with its source, domain and task (see module doc)."""
+
+    def __init__(self, opt: dict):
+        super().__init__()
+        self.opt = opt
+        self.phase = opt.get('phase', 'train')
+        self.train = self.phase == 'train'
+        name = opt.get('name', opt.get('type', 'dataset'))
+        official = opt.get('type') in OFFICIAL_NAMES
+        self.channels = int(opt.get('channels', 3))
+        self.mean, self.std = opt.get('mean'), opt.get('std')
+        problems = Problems(name)
+        if self.channels not in NETWORK_CHANNELS:
+            problems.add('channels', f'channels must be one of {NETWORK_CHANNELS}, got {opt.get("channels")!r}.')
+        if opt.get('sampling', 'balanced') not in SAMPLING_MODES:
+            problems.add('sampling', f'sampling must be one of {SAMPLING_MODES}, got {opt.get("sampling")!r}.')
+        entries = opt.get('datasets')
+        if not isinstance(entries, list) or not entries:
+            problems.add('datasets', 'expected a non-empty list of sources (name, domain, task, dataroot_gt, '
+                         'dataroot_lq, io_backend, ...).')
+            problems.raise_if_any()
+        parsed = [parse_source(e, i, problems, official) for i, e in enumerate(entries)]
+        names = [p['name'] for p in parsed if p is not None]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            problems.add(dup, 'source names must be unique.')
+        crop = int(opt['gt_size']) if self.train and opt.get('gt_size') else None
+        verify = bool(opt.get('verify_images', True))
+        defaults = {'domain': SHARED_DOMAIN}
+        self.sources: list[Source] = [build_source(p, problems, crop, verify, defaults) for p in parsed
+                                      if p is not None]
+        if len({s.out_scale for s in self.sources}) > 1:
+            problems.add('scale', 'all sources must give LQ and GT at the same ratio; set upsample_lq: true on the '
+                         f'SR sources (ratios: { {s.name: s.out_scale for s in self.sources} }).')
+        self.domains = _vocabulary([s.domain for s in self.sources], opt.get('domains'), 'domains', problems)
+        self.tasks = _vocabulary([s.task for s in self.sources], opt.get('tasks'), 'tasks', problems)
+        problems.raise_if_any()
+        self.scale = self.sources[0].out_scale
+        self.rank, _ = get_dist_info()
+        seed = opt.get('sampling_seed')
+        self.seed = (torch.initial_seed() if seed is None else int(seed)) & SEED_MASK
+        self.schedule = BalancedSchedule([len(s.pairs) for s in self.sources], [s.weight for s in self.sources],
+                                         [s.augment_factor for s in self.sources], self.seed, self.rank,
+                                         opt.get('sampling', 'balanced'))
+        self.offsets = np.cumsum([0] + [len(s.pairs) for s in self.sources])
+        self._clients: dict[int, tuple[int, FileClient]] = {}
+        self._log_summary(name, official)
+
+    def _log_summary(self, name: str, official: bool) -> None:
+        from basicsr.utils import get_root_logger
+        logger = get_root_logger()
+        if official:
+            logger.info(f"Dataset '{name}' uses an official option file (type {self.opt.get('type')}): sources "
+                        f"without 'task' use their name as task, without 'domain' the shared domain "
+                        f"'{SHARED_DOMAIN}'.")
+        logger.info(f"Dataset '{name}' label vocabularies: domains {dict(enumerate(self.domains))}; "
+                    f'tasks {dict(enumerate(self.tasks))}.')
+        batch = self.opt.get('batch_size_per_gpu', 0)
+        for idx, (src, prob) in enumerate(zip(self.sources, self.schedule.probs)):
+            quota = f', {batch * prob:.2f} per batch of {batch}' if self.train and batch else ''
+            logger.info(f'  source {idx} {src.name}: domain {src.domain}, task {src.task}, {len(src.pairs)} pairs '
+                        f'({src.backend}), share {prob:.3f}{quota}.')
+
+    def __len__(self) -> int:
+        return len(self.schedule) if self.train else int(self.offsets[-1])
+
+    def _client(self, source_idx: int) -> FileClient:
+        """One FileClient per source and process (workers never reuse a handle inherited through fork)."""
+        pid, client = self._clients.get(source_idx, (None, None))
+        if pid != os.getpid():
+            src = self.sources[source_idx]
+            client = FileClient(src.backend, **src.file_client_opt())
+            self._clients[source_idx] = (os.getpid(), client)
+        return client
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """``(source, item)`` of a single index: the schedule in training, a flat enumeration otherwise."""
+        if self.train:
+            return self.schedule.draw(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f'index {index} out of range for {len(self)} pairs.')
+        source = int(np.searchsorted(self.offsets, index, side='right')) - 1
+        return source, index - int(self.offsets[source])
+
+    def __getitem__(self, index: int) -> dict:
+        return self.load(*self.locate(int(index)))
+
+    def __getitems__(self, indices: list) -> list[dict]:
+        """A whole batch (PyTorch's fetcher calls this with one batch's indices): balanced in training."""
+        if not self.train:
+            return [self[i] for i in indices]
+        return [self.load(s, i) for s, i in self.schedule.draw_batch([int(i) for i in indices])]
+
+    def load(self, source_idx: int, item: int) -> dict:
+        """Read, crop/augment (training) and convert pair ``item`` of source ``source_idx``."""
+        src = self.sources[source_idx]
+        pair = src.pairs[item]
+        client = self._client(source_idx)
+        gt, _ = decode(client.get(pair.gt, 'gt'), f'[{src.name}] GT {pair.gt}')
+        lq, lq_fmt = decode(client.get(pair.lq, 'lq'), f'[{src.name}] LQ {pair.lq}')
+        gt, lq = to_channels(gt, self.channels), to_channels(lq, self.channels)
+        s = src.scale
+        gt = gt[:lq.shape[0] * s, :lq.shape[1] * s]
+        if self.train:
+            gt_size = int(self.opt['gt_size'])
+            if src.upsample_lq and s > 1:
+                gt, lq = crop_upsampled(gt, lq, gt_size, s)
+            else:
+                gt, lq = paired_random_crop(gt, lq, gt_size, s, pair.gt)
+            gt, lq = augment([gt, lq], self.opt.get('use_hflip', False), self.opt.get('use_rot', False))
+            gt, lq = gt.reshape(gt.shape[0], gt.shape[1], -1), lq.reshape(lq.shape[0], lq.shape[1], -1)
+        elif src.upsample_lq and s > 1:
+            lq = upsample(lq, s)
+        if self.opt.get('color') == 'y' and self.channels == 3:
+            gt, lq = bgr2ycbcr(gt, y_only=True)[..., None], bgr2ycbcr(lq, y_only=True)[..., None]
+        gt, lq = img2tensor([np.ascontiguousarray(gt), np.ascontiguousarray(lq)], bgr2rgb=True, float32=True)
+        if self.mean is not None or self.std is not None:
+            normalize(lq, self.mean, self.std, inplace=True)
+            normalize(gt, self.mean, self.std, inplace=True)
+        return {
+            'lq': lq, 'gt': gt, 'lq_path': pair.lq, 'gt_path': pair.gt,
+            'source': source_idx, 'domain': self.domains.index(src.domain), 'task': self.tasks.index(src.task),
+            'source_name': src.name, 'domain_name': src.domain, 'task_name': src.task,
+            'dataset_name': src.name, 'dataset_idx': source_idx,
+            'description': src.descriptions.get(pair.name, ''),
+            'bit_depth': lq_fmt.bit_depth, 'channels': lq_fmt.channels,
+        }

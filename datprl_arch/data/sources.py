@@ -1,0 +1,332 @@
+"""One paired source of a multi-domain dataset: option checking, pair discovery and up-front validation.
+
+Every problem that would otherwise surface as a crash inside a DataLoader worker (missing partners, unreadable files,
+sizes that contradict the declared scale, crops larger than images, LMDBs without ``meta_info.txt`` or with missing
+keys, option typos) is collected while the dataset is constructed and reported in one :class:`DataSourceError` that
+names the source and the files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import os.path as osp
+import re
+from typing import Optional
+
+from basicsr.utils import scandir
+
+from .image_io import ImageDecodeError, check_file
+
+#: Keys a source entry may carry; anything else is reported as a probable typo.
+SOURCE_KEYS = ('name', 'domain', 'task', 'dataroot_gt', 'dataroot_lq', 'io_backend', 'meta_info_file',
+               'filename_tmpl', 'augment_factor', 'weight', 'descriptions', 'scale', 'upsample_lq', 'mode')
+#: Keys every source must give.
+REQUIRED_KEYS = ('name', 'dataroot_gt', 'dataroot_lq')
+#: Storage backends a source can use.
+BACKENDS = ('disk', 'lmdb')
+#: File suffixes treated as images when scanning folders (lower case).
+IMAGE_SUFFIXES = ('.png', '.tif', '.tiff', '.jpg', '.jpeg', '.bmp', '.webp')
+#: How many problems an error message lists before summarising the rest.
+MAX_LISTED = 8
+#: Keys of a descriptions JSON that start with this prefix carry metadata, not image names.
+DESCRIPTION_META_PREFIX = '__'
+#: One line of BasicSR's meta_info.txt: ``<name> (<h>,<w>,<c>) <compress level>``.
+_META_LINE = re.compile(r'^(?P<name>\S.*?)\s+\((?P<h>\d+),\s*(?P<w>\d+),\s*(?P<c>\d+)\)(?:\s+(?P<level>\d+))?\s*$')
+
+
+class DataSourceError(ValueError):
+    """Bad data or options found while building a dataset; the message lists the first problems."""
+
+
+class Problems:
+    """Collects problems of one dataset and raises them together."""
+
+    def __init__(self, dataset_name: str):
+        self.dataset_name = dataset_name
+        self.items: list[str] = []
+
+    def add(self, source: str, message: str) -> None:
+        self.items.append(f'[{source}] {message}')
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        shown = '\n  - '.join(self.items[:MAX_LISTED])
+        more = len(self.items) - MAX_LISTED
+        tail = f'\n  ... and {more} more.' if more > 0 else ''
+        raise DataSourceError(f"Dataset '{self.dataset_name}': {len(self.items)} problem(s) in the data or options:"
+                              f'\n  - {shown}{tail}')
+
+
+@dataclasses.dataclass
+class Pair:
+    """One LQ/GT pair: file paths (disk) or keys (LMDB), stored sizes ``(H, W)`` and the image name."""
+
+    lq: str
+    gt: str
+    name: str
+    lq_hw: Optional[tuple[int, int]] = None
+    gt_hw: Optional[tuple[int, int]] = None
+
+
+@dataclasses.dataclass
+class Source:
+    """A validated source: its labels, storage, pairs and sampling parameters."""
+
+    name: str
+    domain: str
+    task: str
+    dataroot_gt: str
+    dataroot_lq: str
+    backend: str
+    io_opt: dict
+    pairs: list[Pair]
+    augment_factor: int = 1
+    weight: float = 1.0
+    scale: int = 1
+    upsample_lq: bool = False
+    descriptions: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def out_scale(self) -> int:
+        """Scale between the LQ the network sees and the GT (1 when LQ is upsampled)."""
+        return 1 if self.upsample_lq else self.scale
+
+    def file_client_opt(self) -> dict:
+        """Keyword arguments for ``basicsr.utils.FileClient`` (without ``type``)."""
+        opt = {k: v for k, v in self.io_opt.items() if k != 'type'}
+        if self.backend == 'lmdb':
+            opt.update(db_paths=[self.dataroot_lq, self.dataroot_gt], client_keys=['lq', 'gt'])
+        return opt
+
+
+def _suggest(key: str, accepted) -> str:
+    close = difflib.get_close_matches(key, accepted, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ''
+
+
+def _stem(filename: str) -> str:
+    return osp.splitext(osp.basename(filename))[0]
+
+
+def _scan_images(folder: str) -> list[str]:
+    return sorted(p for p in scandir(folder) if p.lower().endswith(IMAGE_SUFFIXES) and not p.startswith('.'))
+
+
+def parse_source(opt: dict, index: int, problems: Problems, official: bool) -> Optional[dict]:
+    """Check one source entry's keys and values; returns the normalised entry or None (problems recorded)."""
+    label = opt.get('name', f'datasets[{index}]') if isinstance(opt, dict) else f'datasets[{index}]'
+    if not isinstance(opt, dict):
+        problems.add(label, f'a source must be a mapping with keys {", ".join(REQUIRED_KEYS)}, got {opt!r}.')
+        return None
+    ok = True
+    for key in opt:
+        if key not in SOURCE_KEYS:
+            problems.add(label, f"unknown key '{key}'{_suggest(key, SOURCE_KEYS)}; accepted keys: "
+                         f'{", ".join(SOURCE_KEYS)}.')
+            ok = False
+    required = REQUIRED_KEYS if official else REQUIRED_KEYS + ('domain', 'task')
+    for key in required:
+        if key not in opt:
+            problems.add(label, f"missing key '{key}' (each source needs {', '.join(required)}).")
+            ok = False
+    io_opt = dict(opt.get('io_backend') or {'type': 'disk'})
+    if io_opt.get('type') not in BACKENDS:
+        problems.add(label, f"io_backend.type must be one of {BACKENDS}, got {io_opt.get('type')!r}.")
+        ok = False
+    numbers = {'augment_factor': (int, 1), 'weight': (float, 1.0), 'scale': (int, 1)}
+    parsed = {}
+    for key, (kind, default) in numbers.items():
+        value = opt.get(key, default)
+        try:
+            parsed[key] = kind(value)
+            valid = parsed[key] > 0 and (kind is float or float(value) == parsed[key])
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            problems.add(label, f'{key} must be a positive {kind.__name__}, got {value!r}.')
+            ok = False
+    if opt.get('mode', 'paired') != 'paired':
+        problems.add(label, f"mode {opt['mode']!r} is not supported; only 'paired' (LQ/GT folders) is.")
+        ok = False
+    if not ok:
+        return None
+    return dict(opt, io_backend=io_opt, **parsed)
+
+
+def _pairs_from_folders(name, gt_root, lq_root, tmpl, problems) -> list[Pair]:
+    listed = {}
+    for root, role in ((gt_root, 'GT'), (lq_root, 'LQ')):
+        if not osp.isdir(root):
+            problems.add(name, f'{role} folder {root} does not exist.')
+            return []
+        files = _scan_images(root)
+        if not files:
+            problems.add(name, f'{role} folder {root} is empty (expected image files {", ".join(IMAGE_SUFFIXES)}).')
+            return []
+        by_stem = {}
+        for f in files:
+            if _stem(f) in by_stem:
+                problems.add(name, f'{role} folder {root} holds two images named {_stem(f)!r}: '
+                             f'{by_stem[_stem(f)]} and {f}.')
+            by_stem[_stem(f)] = f
+        listed[role] = by_stem
+    pairs, expected_lq = [], set()
+    for stem, gt_file in sorted(listed['GT'].items()):
+        lq_stem = tmpl.format(stem)
+        expected_lq.add(lq_stem)
+        lq_file = listed['LQ'].get(lq_stem)
+        if lq_file is None:
+            problems.add(name, f'GT {osp.join(gt_root, gt_file)} has no LQ partner: expected '
+                         f'{osp.join(lq_root, lq_stem)}.<png|tif|jpg|...> (filename_tmpl {tmpl!r}).')
+            continue
+        pairs.append(Pair(osp.join(lq_root, lq_file), osp.join(gt_root, gt_file), stem))
+    for lq_stem, lq_file in sorted(listed['LQ'].items()):
+        if lq_stem not in expected_lq:
+            problems.add(name, f'LQ {osp.join(lq_root, lq_file)} has no GT partner in {gt_root} '
+                         f'(filename_tmpl {tmpl!r}).')
+    return pairs
+
+
+def _pairs_from_meta_info(name, gt_root, lq_root, tmpl, meta_file, problems) -> list[Pair]:
+    if not osp.isfile(meta_file):
+        problems.add(name, f'meta_info_file {meta_file} does not exist.')
+        return []
+    with open(meta_file, encoding='utf-8') as f:
+        gt_names = [line.split()[0] for line in f if line.strip()]
+    if not gt_names:
+        problems.add(name, f'meta_info_file {meta_file} lists no images.')
+    pairs = []
+    for gt_name in gt_names:
+        stem, ext = osp.splitext(gt_name)
+        gt_path, lq_path = osp.join(gt_root, gt_name), osp.join(lq_root, tmpl.format(osp.basename(stem)) + ext)
+        for path, role in ((gt_path, 'GT'), (lq_path, 'LQ')):
+            if not osp.isfile(path):
+                problems.add(name, f'{role} file {path} listed (via {meta_file}) does not exist.')
+        pairs.append(Pair(lq_path, gt_path, osp.basename(stem)))
+    return pairs
+
+
+def read_lmdb_meta(lmdb_root: str) -> dict[str, tuple[int, int, int]]:
+    """Parse ``meta_info.txt`` of a BasicSR LMDB into ``{key: (h, w, c)}`` (key = name without image suffix).
+
+    Unlike BasicSR's ``split('.')[0]`` this keeps dots inside names; raises ``ValueError`` on a malformed line.
+    """
+    meta = {}
+    path = osp.join(lmdb_root, 'meta_info.txt')
+    with open(path, encoding='utf-8') as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            match = _META_LINE.match(line.strip())
+            if match is None:
+                raise ValueError(f'{path}:{number}: expected "<name>.png (h,w,c) <level>", got {line.strip()!r}.')
+            key = match['name']
+            if key.lower().endswith(IMAGE_SUFFIXES):
+                key = osp.splitext(key)[0]
+            meta[key] = (int(match['h']), int(match['w']), int(match['c']))
+    return meta
+
+
+def lmdb_keys(lmdb_root: str) -> set[str]:
+    """All keys stored in an LMDB (reads keys only, no values)."""
+    from . import lmdb_env
+    with lmdb_env.read_env(lmdb_root) as env, env.begin(write=False) as txn:
+        return {bytes(k).decode('ascii', 'replace') for k in txn.cursor().iternext(keys=True, values=False)}
+
+
+def _pairs_from_lmdb(name, gt_root, lq_root, problems) -> list[Pair]:
+    metas = {}
+    for root, role in ((gt_root, 'GT'), (lq_root, 'LQ')):
+        if not root.endswith('.lmdb'):
+            problems.add(name, f'{role} root {root} must end with .lmdb for io_backend lmdb.')
+            return []
+        if not osp.isfile(osp.join(root, 'data.mdb')):
+            problems.add(name, f'{role} LMDB {root} does not exist (no data.mdb).')
+            return []
+        if not osp.isfile(osp.join(root, 'meta_info.txt')):
+            problems.add(name, f'{role} LMDB {root} has no meta_info.txt (expected one line "<key>.png (h,w,c) '
+                         f'<level>" per image, as written by python -m datprl_arch.tools.make_lmdb).')
+            return []
+        try:
+            metas[role] = read_lmdb_meta(root)
+        except ValueError as err:
+            problems.add(name, str(err))
+            return []
+        if not metas[role]:
+            problems.add(name, f'{role} LMDB {root} is empty (meta_info.txt lists no images).')
+            return []
+        stored = lmdb_keys(root)
+        missing = sorted(set(metas[role]) - stored)
+        if missing:
+            problems.add(name, f'{role} LMDB {root}: {len(missing)} key(s) in meta_info.txt are missing from the '
+                         f'database, e.g. {missing[:3]}.')
+    gt_meta, lq_meta = metas['GT'], metas['LQ']
+    for key in sorted(set(gt_meta) - set(lq_meta)):
+        problems.add(name, f'GT key {key!r} of {gt_root} has no LQ partner in {lq_root}.')
+    for key in sorted(set(lq_meta) - set(gt_meta)):
+        problems.add(name, f'LQ key {key!r} of {lq_root} has no GT partner in {gt_root}.')
+    return [Pair(key, key, key, lq_meta[key][:2], gt_meta[key][:2]) for key in sorted(set(gt_meta) & set(lq_meta))]
+
+
+def _load_descriptions(name: str, path: str, problems: Problems) -> dict:
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        problems.add(name, f'descriptions file {path} is not readable JSON ({err}).')
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(v, str) for k, v in data.items()
+                                             if not k.startswith(DESCRIPTION_META_PREFIX)):
+        problems.add(name, f'descriptions file {path} must map image names to text, e.g. {{"0001.png": "a ..."}}.')
+        return {}
+    return {_stem(k): v for k, v in data.items() if not k.startswith(DESCRIPTION_META_PREFIX)}
+
+
+def _check_sizes(source: Source, crop: Optional[int], verify: bool, problems: Problems) -> None:
+    """Fill in missing sizes (reading headers) and check the scale and crop size for every pair."""
+    for pair in source.pairs:
+        if source.backend == 'disk':
+            try:
+                pair.gt_hw = check_file(pair.gt, verify)
+                pair.lq_hw = check_file(pair.lq, verify)
+            except ImageDecodeError as err:
+                problems.add(source.name, str(err))
+                continue
+        (gh, gw), (lh, lw), s = pair.gt_hw, pair.lq_hw, source.scale
+        where = f'LQ {pair.lq} {lh}x{lw} vs GT {pair.gt} {gh}x{gw}'
+        if (gh // s, gw // s) != (lh, lw):
+            ratio = gh / lh if lh else 0
+            hint = (f'; LQ is 1/{ratio:g} of GT: declare scale: {ratio:g} and upsample_lq: true'
+                    if s == 1 and ratio > 1 and ratio == int(ratio) else '')
+            problems.add(source.name, f'{where}: sizes do not match the declared scale {s} '
+                         f'(expected LQ = GT // {s}){hint}.')
+            continue
+        if crop is not None and min(gh - gh % s, gw - gw % s) < crop:
+            problems.add(source.name, f'{where}: crop size gt_size={crop} is larger than the image; use a smaller '
+                         f'gt_size or remove the image.')
+
+
+def build_source(opt: dict, problems: Problems, crop: Optional[int], verify: bool, defaults: dict) -> Optional[Source]:
+    """Discover and validate the pairs of one parsed source entry (see :func:`parse_source`)."""
+    name = opt['name']
+    io_opt = opt['io_backend']
+    tmpl = opt.get('filename_tmpl', '{}')
+    gt_root, lq_root = str(opt['dataroot_gt']), str(opt['dataroot_lq'])
+    if io_opt['type'] == 'lmdb':
+        pairs = _pairs_from_lmdb(name, gt_root, lq_root, problems)
+    elif opt.get('meta_info_file'):
+        pairs = _pairs_from_meta_info(name, gt_root, lq_root, tmpl, opt['meta_info_file'], problems)
+    else:
+        pairs = _pairs_from_folders(name, gt_root, lq_root, tmpl, problems)
+    descriptions = _load_descriptions(name, opt['descriptions'], problems) if opt.get('descriptions') else {}
+    source = Source(
+        name=name, domain=str(opt.get('domain', defaults['domain'])), task=str(opt.get('task', name)),
+        dataroot_gt=gt_root, dataroot_lq=lq_root, backend=io_opt['type'], io_opt=io_opt, pairs=pairs,
+        augment_factor=opt['augment_factor'], weight=opt['weight'], scale=opt['scale'],
+        upsample_lq=bool(opt.get('upsample_lq', False)), descriptions=descriptions)
+    if pairs and not any(p.startswith(f'[{name}]') for p in problems.items):
+        _check_sizes(source, crop, verify, problems)
+    return source
