@@ -58,14 +58,14 @@ class ChannelLayerNorm(nn.Module):
     def _literal(self, x):
         """Official computation: tokens ``[B, HW, C]``, hand-written mean/variance, back to a map."""
         b, c, h, w = x.shape
-        tokens = x.flatten(2).transpose(1, 2).contiguous()
+        tokens = x.flatten(2).transpose(1, 2)
         mean = tokens.mean(-1, keepdim=True)
         var = tokens.var(-1, keepdim=True, unbiased=False)
         if self.bias_free:
             out = tokens / torch.sqrt(var + NORM_EPS) * self.body.weight
         else:
             out = (tokens - mean) / torch.sqrt(var + NORM_EPS) * self.body.weight + self.body.bias
-        return out.transpose(1, 2).reshape(b, c, h, w).contiguous()
+        return out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class ChannelAttention(nn.Module):
