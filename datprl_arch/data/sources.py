@@ -107,11 +107,13 @@ def _suggest(key: str, accepted) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ''
 
 
-def _stem(filename: str) -> str:
+def stem(filename: str) -> str:
+    """File name without folder and image suffix."""
     return osp.splitext(osp.basename(filename))[0]
 
 
-def _scan_images(folder: str) -> list[str]:
+def scan_images(folder: str) -> list[str]:
+    """Sorted image file names directly inside ``folder`` (hidden files and other suffixes skipped)."""
     return sorted(p for p in scandir(folder) if p.lower().endswith(IMAGE_SUFFIXES) and not p.startswith('.'))
 
 
@@ -156,33 +158,34 @@ def parse_source(opt: dict, index: int, problems: Problems, official: bool) -> O
     return dict(opt, io_backend=io_opt, **parsed)
 
 
-def _pairs_from_folders(name, gt_root, lq_root, tmpl, problems) -> list[Pair]:
+def pairs_from_folders(name, gt_root, lq_root, tmpl, problems) -> list[Pair]:
+    """Pair GT and LQ images by stem (LQ stem = ``tmpl.format(GT stem)``), reporting orphans on both sides."""
     listed = {}
     for root, role in ((gt_root, 'GT'), (lq_root, 'LQ')):
         if not osp.isdir(root):
             problems.add(name, f'{role} folder {root} does not exist.')
             return []
-        files = _scan_images(root)
+        files = scan_images(root)
         if not files:
             problems.add(name, f'{role} folder {root} is empty (expected image files {", ".join(IMAGE_SUFFIXES)}).')
             return []
         by_stem = {}
         for f in files:
-            if _stem(f) in by_stem:
-                problems.add(name, f'{role} folder {root} holds two images named {_stem(f)!r}: '
-                             f'{by_stem[_stem(f)]} and {f}.')
-            by_stem[_stem(f)] = f
+            if stem(f) in by_stem:
+                problems.add(name, f'{role} folder {root} holds two images named {stem(f)!r}: '
+                             f'{by_stem[stem(f)]} and {f}.')
+            by_stem[stem(f)] = f
         listed[role] = by_stem
     pairs, expected_lq = [], set()
-    for stem, gt_file in sorted(listed['GT'].items()):
-        lq_stem = tmpl.format(stem)
+    for gt_stem, gt_file in sorted(listed['GT'].items()):
+        lq_stem = tmpl.format(gt_stem)
         expected_lq.add(lq_stem)
         lq_file = listed['LQ'].get(lq_stem)
         if lq_file is None:
             problems.add(name, f'GT {osp.join(gt_root, gt_file)} has no LQ partner: expected '
                          f'{osp.join(lq_root, lq_stem)}.<png|tif|jpg|...> (filename_tmpl {tmpl!r}).')
             continue
-        pairs.append(Pair(osp.join(lq_root, lq_file), osp.join(gt_root, gt_file), stem))
+        pairs.append(Pair(osp.join(lq_root, lq_file), osp.join(gt_root, gt_file), gt_stem))
     for lq_stem, lq_file in sorted(listed['LQ'].items()):
         if lq_stem not in expected_lq:
             problems.add(name, f'LQ {osp.join(lq_root, lq_file)} has no GT partner in {gt_root} '
@@ -200,12 +203,12 @@ def _pairs_from_meta_info(name, gt_root, lq_root, tmpl, meta_file, problems) -> 
         problems.add(name, f'meta_info_file {meta_file} lists no images.')
     pairs = []
     for gt_name in gt_names:
-        stem, ext = osp.splitext(gt_name)
-        gt_path, lq_path = osp.join(gt_root, gt_name), osp.join(lq_root, tmpl.format(osp.basename(stem)) + ext)
+        base, ext = osp.splitext(gt_name)
+        gt_path, lq_path = osp.join(gt_root, gt_name), osp.join(lq_root, tmpl.format(osp.basename(base)) + ext)
         for path, role in ((gt_path, 'GT'), (lq_path, 'LQ')):
             if not osp.isfile(path):
                 problems.add(name, f'{role} file {path} listed (via {meta_file}) does not exist.')
-        pairs.append(Pair(lq_path, gt_path, osp.basename(stem)))
+        pairs.append(Pair(lq_path, gt_path, osp.basename(base)))
     return pairs
 
 
@@ -282,7 +285,7 @@ def _load_descriptions(name: str, path: str, problems: Problems) -> dict:
                                              if not k.startswith(DESCRIPTION_META_PREFIX)):
         problems.add(name, f'descriptions file {path} must map image names to text, e.g. {{"0001.png": "a ..."}}.')
         return {}
-    return {_stem(k): v for k, v in data.items() if not k.startswith(DESCRIPTION_META_PREFIX)}
+    return {stem(k): v for k, v in data.items() if not k.startswith(DESCRIPTION_META_PREFIX)}
 
 
 def _check_sizes(source: Source, crop: Optional[int], verify: bool, problems: Problems) -> None:
@@ -320,7 +323,7 @@ def build_source(opt: dict, problems: Problems, crop: Optional[int], verify: boo
     elif opt.get('meta_info_file'):
         pairs = _pairs_from_meta_info(name, gt_root, lq_root, tmpl, opt['meta_info_file'], problems)
     else:
-        pairs = _pairs_from_folders(name, gt_root, lq_root, tmpl, problems)
+        pairs = pairs_from_folders(name, gt_root, lq_root, tmpl, problems)
     descriptions = _load_descriptions(name, opt['descriptions'], problems) if opt.get('descriptions') else {}
     source = Source(
         name=name, domain=str(opt.get('domain', defaults['domain'])), task=str(opt.get('task', name)),
