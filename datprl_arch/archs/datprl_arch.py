@@ -14,7 +14,7 @@ from torch import nn
 from basicsr.utils.registry import ARCH_REGISTRY
 
 from ..utils.registry import register
-from .padding import pad_to_multiple
+from .padding import check_pad_mode, pad_to_multiple
 from .prompt import PoolSpec, PromptSystem
 from .restormer_arch import RESTORMER_PAD, Downsample, PatchEmbed, TransformerBlock, Upsample, transformer_stack
 
@@ -60,7 +60,7 @@ class DATPRLRestormer(PromptSystem):
                  use_domain_pool: bool = True):
         super().__init__()
         c = dim or width or DEFAULT_DIM
-        self.use_prompt, self.pad_mode = use_prompt, pad_mode
+        self.use_prompt, self.pad_mode = use_prompt, check_pad_mode(pad_mode)
         task = PoolSpec(degradation_pool_size, degradation_prompt_dim, degradation_top_k)
         domain = PoolSpec(domain_pool_size, domain_prompt_dim, domain_top_k) if use_domain_pool else None
         if not use_prompt:

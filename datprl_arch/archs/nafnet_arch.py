@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 
 from ..utils.registry import register
-from .padding import pad_to_multiple
+from .padding import check_pad_mode, pad_to_multiple
 from .prompt import PoolSpec, PromptedBlock, PromptSystem
 from .prompt.compose import composed_dim
 
@@ -90,7 +90,7 @@ class DATPRLNAFNet(PromptSystem):
         if len(enc_blk_nums) != len(dec_blk_nums):
             raise ValueError(f'enc_blk_nums {list(enc_blk_nums)} and dec_blk_nums {list(dec_blk_nums)} '
                              'must have one entry per level')
-        self.use_prompt, self.pad_mode = use_prompt, pad_mode
+        self.use_prompt, self.pad_mode = use_prompt, check_pad_mode(pad_mode)
         self.pad_multiple = 2**len(enc_blk_nums)
         task = PoolSpec(degradation_pool_size, degradation_prompt_dim, degradation_top_k)
         domain = PoolSpec(domain_pool_size, domain_prompt_dim, domain_top_k)

@@ -7,14 +7,18 @@ from torch.nn import functional as F
 PAD_MODES = ('constant', 'reflect', 'replicate')
 
 
+def check_pad_mode(mode: str) -> str:
+    if mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got '{mode}'")
+    return mode
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = 'constant') -> torch.Tensor:
     """Pad ``[B, C, H, W]`` on the bottom and right to the next multiple of ``multiple``.
 
     ``constant`` (zeros) is what the official networks do and what their weights were trained with; the padded
     border also feeds the prompt queries, so keep it for official checkpoints.
     """
-    if mode not in PAD_MODES:
-        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got '{mode}'")
     h, w = x.shape[-2:]
     pad_h, pad_w = -h % multiple, -w % multiple
     if not pad_h and not pad_w:

@@ -1,0 +1,97 @@
+"""Loading network weights from the checkpoint formats DATPRL users have.
+
+- BasicSR files ``{'params': sd}`` / ``{'params_ema': sd}`` (``params_ema`` preferred when present);
+- the official natural 3-/5-task PyTorch-Lightning files ``{'state_dict': {'net.<key>': ...}, ...}``;
+- plain state_dicts, optionally saved from DataParallel/DDP (``module.`` prefix);
+- ``.safetensors`` files (needs the ``safetensors`` package).
+
+Pickle files are always read with ``weights_only=True``: a checkpoint cannot run code when it is loaded.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+PARAM_KEYS = ('params_ema', 'params')  # BasicSR, in order of preference
+LIGHTNING_KEY, LIGHTNING_PREFIX = 'state_dict', 'net.'
+WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DataParallel/DDP and torch.compile wrappers
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the network."""
+
+
+def _read(path: str) -> Mapping:
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint {path} does not exist')
+    if path.endswith('.safetensors'):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as err:
+            raise CheckpointError(f'{path} is a safetensors file: pip install safetensors') from err
+        return load_file(path, device='cpu')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # pickle errors come in many types; all mean the same thing here
+        raise CheckpointError(f'cannot read {path} as a PyTorch checkpoint with weights_only=True ({err}). '
+                              'Files holding non-tensor Python objects must be re-saved as a plain state_dict '
+                              'from a trusted environment.') from err
+
+
+def _strip(state_dict: Mapping[str, torch.Tensor], prefix: str) -> 'OrderedDict[str, torch.Tensor]':
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return OrderedDict((k[len(prefix):], v) for k, v in state_dict.items())
+    return OrderedDict(state_dict)
+
+
+def extract_state_dict(checkpoint: Mapping, param_key: Optional[str] = None,
+                       source: str = 'checkpoint') -> 'OrderedDict[str, torch.Tensor]':
+    """The network weights inside a loaded checkpoint, with wrapper prefixes removed.
+
+    ``param_key`` (e.g. BasicSR's ``param_key_g``) is used when the checkpoint has it; otherwise ``params_ema``,
+    ``params``, a Lightning ``state_dict`` (``net.`` stripped) and finally the mapping itself are tried.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f'{source} holds a {type(checkpoint).__name__}, expected a dict of tensors')
+    key = next((k for k in (param_key, *PARAM_KEYS) if k is not None and k in checkpoint), None)
+    if key is not None:
+        state_dict = checkpoint[key]
+    elif isinstance(checkpoint.get(LIGHTNING_KEY), Mapping):
+        state_dict = _strip(checkpoint[LIGHTNING_KEY], LIGHTNING_PREFIX)
+    else:
+        state_dict = checkpoint
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"{source}: entry '{key}' holds a {type(state_dict).__name__}, expected a state_dict")
+    for prefix in WRAPPER_PREFIXES:
+        state_dict = _strip(state_dict, prefix)
+    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f'{source}: entries {bad[:5]} are not tensors; is this a training state rather than '
+                              'network weights? (BasicSR keeps weights in models/net_g_*.pth)')
+    return state_dict
+
+
+def load_checkpoint(net: nn.Module, path: str, param_key: Optional[str] = None, strict: bool = True) -> nn.Module:
+    """Load the weights in ``path`` into ``net`` (unwrapping DataParallel/DDP); returns ``net``.
+
+    ``param_key``: the preferred entry of a BasicSR file (see ``extract_state_dict``).
+
+    A mismatch raises ``CheckpointError`` naming the missing and unexpected keys and the shape mismatches.
+    """
+    state_dict = extract_state_dict(_read(path), param_key, source=path)
+    net = getattr(net, 'module', net)
+    try:
+        net.load_state_dict(state_dict, strict=strict)
+    except RuntimeError as err:
+        own = net.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        raise CheckpointError(
+            f'{path} does not fit {type(net).__name__}: {len(missing)} missing keys {missing[:8]}, '
+            f'{len(unexpected)} unexpected keys {unexpected[:8]}. Check that network_g matches the configuration '
+            f'the checkpoint was trained with. ({str(err).splitlines()[-1].strip()})') from err
+    return net

@@ -1,0 +1,224 @@
+"""DATPRL networks: exact equivalence with the official code, checkpoint keys, registry, gradients, modes."""
+import glob
+import os
+
+import pytest
+import torch
+
+import datprl_arch  # noqa: F401  (registers the networks; applies the basicsr compatibility fixes)
+from basicsr.archs import build_network
+from basicsr.utils.registry import ARCH_REGISTRY
+
+DATA = os.path.join(os.path.dirname(__file__), 'data')
+GOLDEN = sorted(glob.glob(os.path.join(DATA, '*.pt')))
+TOLERANCE = 1e-5
+
+SIX_TASK = dict(type='DualPromptRestormerv3', dim=48, enc_blk_nums=[4, 6, 6], middle_blk_num=8,
+                dec_blk_nums=[6, 6, 4], refine_blk_num=4, heads=[1, 2, 4, 8], ffn_expansion_factor=2.66,
+                LayerNorm_type='WithBias', domain_pool_size=15, degradation_pool_size=15, domain_prompt_dim=1024,
+                degradation_prompt_dim=1024, domain_top_k=5, degradation_top_k=3, value_num_tokens=2,
+                prompt_fusion_method='cross_attention', fusion_method='cross_attention')
+CDD11 = dict(type='DualPromptRestormerv3_only_task_prompt', degradation_pool_size=15, degradation_prompt_dim=1024,
+             degradation_top_k=3, value_num_tokens=2, fusion_method='cross_attention')
+TINY = dict(type='DATPRLRestormer', dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1],
+            refine_blk_num=1, heads=[1, 2, 4, 8], domain_pool_size=6, degradation_pool_size=7, domain_prompt_dim=32,
+            degradation_prompt_dim=32, domain_top_k=3, degradation_top_k=2, value_num_tokens=2)
+TINY_NAF = dict(type='DATPRLNAFNet', width=8, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1],
+                domain_pool_size=6, degradation_pool_size=7, domain_prompt_dim=32, degradation_prompt_dim=32,
+                domain_top_k=3, degradation_top_k=2, value_num_tokens=2)
+
+
+def load_golden(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+@pytest.mark.parametrize('literal', [False, True], ids=['fast', 'literal'])
+@pytest.mark.parametrize('path', GOLDEN, ids=os.path.basename)
+def test_golden_outputs(path, literal):
+    golden = load_golden(path)
+    net = build_network({'type': golden['arch'], **golden['config'], 'literal': literal}).eval()
+    net.load_state_dict(golden['state_dict'], strict=True)
+    assert list(net.state_dict()) == list(golden['state_dict'])
+    with torch.no_grad():
+        out = net(golden['input'])
+    assert out.shape == golden['output'].shape
+    assert (out - golden['output']).abs().max().item() < TOLERANCE
+
+
+def test_six_golden_files_present():
+    assert len(GOLDEN) == 6
+
+
+@pytest.mark.parametrize('path', [p for p in GOLDEN if 'restormer_plain' not in p], ids=os.path.basename)
+def test_lean_network_loads_official_weights_and_matches(path):
+    golden = load_golden(path)
+    net = build_network({'type': golden['arch'], **golden['config'], 'lean': True}).eval()
+    net.load_state_dict(golden['state_dict'], strict=True)
+    assert not any('cross_attn_q' in k or 'cross_attn_k' in k for k in net.state_dict())
+    with torch.no_grad():
+        assert (net(golden['input']) - golden['output']).abs().max().item() < TOLERANCE
+
+
+def read_key_list(name):
+    with open(os.path.join(DATA, name)) as f:
+        return [tuple(line.strip().split(' ')) for line in f if line.strip()]
+
+
+@pytest.mark.parametrize('config,listing,params', [(SIX_TASK, 'state_dict_6t.txt', 53_133_552),
+                                                   (CDD11, 'state_dict_cdd11.txt', 42_563_115)], ids=['6t', 'cdd11'])
+def test_full_size_keys_and_shapes(config, listing, params):
+    net = build_network(dict(config))
+    ours = [(k, '[' + ','.join(map(str, v.shape)) + ']') for k, v in net.state_dict().items()]
+    assert ours == read_key_list(listing)
+    assert sum(p.numel() for p in net.parameters()) == params
+
+
+def test_lean_full_size_drops_exactly_the_dead_parameters():
+    lean = build_network(dict(SIX_TASK, lean=True))
+    assert sum(p.numel() for p in lean.parameters()) == 53_133_552 - 9_089_536
+
+
+NAMES = ['DATPRLRestormer', 'DualPromptRestormerv3', 'DATPRLRestormerTaskPool', 'DualPromptRestormerv3_only_task_prompt',
+         'DATPRLNAFNet', 'DualPromptNAFNetv3', 'PaddedRestormer', 'Restormer']
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_every_name_resolves_through_basicsr(name):
+    assert name in ARCH_REGISTRY
+    small = dict(dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1], refine_blk_num=1,
+                 degradation_prompt_dim=16, domain_prompt_dim=16)
+    if 'NAF' in name:
+        small = dict(width=8, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1], domain_prompt_dim=16,
+                     degradation_prompt_dim=16)
+    elif 'Restormer' == name or 'Padded' in name:
+        small = dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1)
+    elif 'TaskPool' in name or 'only_task' in name:
+        small.pop('domain_prompt_dim')
+    net = build_network({'type': name, **small}).eval()
+    with torch.no_grad():
+        assert net(torch.rand(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+
+
+def test_aliases_are_the_same_classes():
+    assert ARCH_REGISTRY.get('DualPromptRestormerv3') is ARCH_REGISTRY.get('DATPRLRestormer')
+    assert ARCH_REGISTRY.get('DualPromptNAFNetv3') is ARCH_REGISTRY.get('DATPRLNAFNet')
+
+
+def test_registering_twice_is_harmless_and_a_clash_is_explained():
+    from datprl_arch.utils.registry import register
+    cls = ARCH_REGISTRY.get('DATPRLRestormer')
+    register(ARCH_REGISTRY, aliases=('DualPromptRestormerv3',))(cls)
+    assert ARCH_REGISTRY.get('DualPromptRestormerv3') is cls
+
+    class SwinIR(torch.nn.Module):  # basicsr's own SwinIR holds this name
+        pass
+
+    with pytest.raises(KeyError, match='basicsr.archs.swinir_arch.SwinIR'):
+        register(ARCH_REGISTRY)(SwinIR)
+
+
+def dead(name):
+    """Parameters that cannot affect the output: single-key attention queries/keys."""
+    return 'cross_attn_q' in name or 'cross_attn_k' in name
+
+
+@pytest.mark.parametrize('config', [TINY, TINY_NAF], ids=['restormer', 'nafnet'])
+def test_gradients_reach_live_parameters_only(config):
+    torch.manual_seed(0)
+    net = build_network(dict(config)).train()
+    with torch.no_grad():  # NAF's zero-initialised residual scales would block every gradient behind them
+        for name, p in net.named_parameters():
+            if name.endswith(('beta', 'gamma')):
+                p.normal_()
+    out = net(torch.rand(4, 3, 19, 23))
+    (out - torch.rand_like(out)).abs().mean().backward()
+    state = net.prompt_state
+    for name, p in net.named_parameters():
+        if dead(name):
+            assert p.grad is None or not p.grad.any(), name
+        elif name.endswith('in_proj_weight') or name.endswith('in_proj_bias'):
+            e = p.shape[0] // 3
+            assert not p.grad[:2 * e].any() and p.grad[2 * e:].abs().sum() > 0, name
+        elif name.endswith(('prompt_keys', 'prompt_values')):
+            pool = state.domain if name.startswith('domain') else state.task
+            selected = torch.zeros(p.shape[0], dtype=torch.bool)
+            selected[pool.indices.flatten()] = True
+            touched = p.grad.flatten(1).abs().sum(1) > 0
+            assert torch.equal(touched, selected), name
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_eval_is_deterministic_and_batch_independent():
+    torch.manual_seed(0)
+    net = build_network(dict(TINY)).eval()
+    x = torch.rand(3, 3, 21, 17)
+    with torch.no_grad():
+        full = net(x)
+        again = net(x)
+        single = torch.cat([net(x[i:i + 1]) for i in range(3)])
+    assert torch.equal(full, again)
+    assert (full - single).abs().max() < 1e-5
+
+
+def test_train_mode_is_stochastic():
+    torch.manual_seed(0)
+    net = build_network(dict(TINY)).train()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert not torch.equal(net(x), net(x))
+
+
+@pytest.mark.parametrize('size', [(1, 1), (7, 5), (8, 8), (33, 20)])
+@pytest.mark.parametrize('config', [TINY, TINY_NAF], ids=['restormer', 'nafnet'])
+def test_odd_sizes_keep_their_shape(config, size):
+    net = build_network(dict(config)).eval()
+    x = torch.rand(1, 3, *size)
+    with torch.no_grad():
+        assert net(x).shape == x.shape
+
+
+def test_zero_padding_matches_explicit_padding():
+    torch.manual_seed(0)
+    net = build_network(dict(TINY)).eval()
+    x = torch.rand(1, 3, 13, 10)
+    padded = torch.nn.functional.pad(x, (0, 6, 0, 3))
+    with torch.no_grad():
+        assert torch.equal(net(x), net(padded)[..., :13, :10])
+
+
+def test_reflect_padding_is_opt_in_and_differs():
+    torch.manual_seed(0)
+    zero = build_network(dict(TINY)).eval()
+    reflect = build_network(dict(TINY, pad_mode='reflect')).eval()
+    reflect.load_state_dict(zero.state_dict())
+    x = torch.rand(1, 3, 13, 10)
+    with torch.no_grad():
+        assert not torch.allclose(zero(x), reflect(x))
+
+
+def test_prompt_state_exposes_the_retrieval():
+    net = build_network(dict(TINY)).eval()
+    with torch.no_grad():
+        net(torch.rand(2, 3, 16, 16))
+    state = net.prompt_state
+    assert state.task.indices.shape == (2, 2) and state.domain.indices.shape == (2, 3)
+    assert state.task.logits.shape == (2, 7) and state.domain.logits.shape == (2, 6)
+    assert state.task_query.shape == state.domain_query.shape == (2, 32)
+    assert state.prompt.shape == (2, 32)
+    assert torch.allclose(state.task.weights.sum(-1), torch.ones(2))
+
+
+@pytest.mark.parametrize('change,message', [
+    (dict(prompt_fusion_method='sum'), "prompt_fusion_method must be one of"),
+    (dict(fusion_method='add'), "fusion_method must be one of"),
+    (dict(domain_prompt_dim=16), 'needs domain_prompt_dim == degradation_prompt_dim'),
+    (dict(LayerNorm_type='Batch'), 'LayerNorm_type must be one of'),
+    (dict(degradation_top_k=9), 'top_k must lie in'),
+    (dict(heads=[1, 3, 4, 8]), 'cannot be split into 3 attention heads'),
+    (dict(pad_mode='wrap'), 'pad_mode must be one of'),
+    (dict(lean=True, literal=True), 'choose one'),
+])
+def test_bad_configurations_fail_at_construction(change, message):
+    with pytest.raises(ValueError, match=message):
+        build_network(dict(TINY, **change))
