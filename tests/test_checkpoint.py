@@ -1,0 +1,87 @@
+"""Checkpoint formats: BasicSR, official Lightning, plain, DDP-wrapped, safetensors; clear errors otherwise."""
+import argparse
+import os
+
+import pytest
+import torch
+
+import datprl_arch  # noqa: F401
+from basicsr.archs import build_network
+from datprl_arch.utils.checkpoint import CheckpointError, load_checkpoint
+
+GOLDEN = os.path.join(os.path.dirname(__file__), 'data', 'restormer_taskprompt_xattn.pt')
+
+
+@pytest.fixture(scope='module')
+def golden():
+    return torch.load(GOLDEN, weights_only=True)
+
+
+def fresh(golden):
+    return build_network({'type': golden['arch'], **golden['config']}).eval()
+
+
+def assert_restores(net, golden):
+    with torch.no_grad():
+        assert (net(golden['input']) - golden['output']).abs().max() < 1e-5
+
+
+def prefixed(state_dict, prefix):
+    return {prefix + k: v for k, v in state_dict.items()}
+
+
+@pytest.mark.parametrize('layout', ['params', 'params_ema', 'plain', 'module', 'lightning'])
+def test_formats_load(tmp_path, golden, layout):
+    sd = golden['state_dict']
+    noise = {k: torch.randn_like(v) for k, v in sd.items()}
+    checkpoint = {
+        'params': {'params': sd},
+        'params_ema': {'params': noise, 'params_ema': sd},  # EMA weights are preferred
+        'plain': sd,
+        'module': {'params': prefixed(sd, 'module.')},
+        'lightning': {'state_dict': prefixed(sd, 'net.'), 'epoch': 149, 'global_step': 1000,
+                      'optimizer_states': [{'state': {}, 'param_groups': [{'lr': 2e-4}]}]},
+    }[layout]
+    path = tmp_path / 'w.pth'
+    torch.save(checkpoint, path)
+    assert_restores(load_checkpoint(fresh(golden), str(path)), golden)
+
+
+def test_explicit_param_key_wins(tmp_path, golden):
+    torch.save({'params': golden['state_dict'], 'params_ema': {}}, tmp_path / 'w.pth')
+    assert_restores(load_checkpoint(fresh(golden), str(tmp_path / 'w.pth'), param_key='params'), golden)
+
+
+def test_safetensors(tmp_path, golden):
+    save_file = pytest.importorskip('safetensors.torch').save_file
+    save_file({k: v.contiguous() for k, v in golden['state_dict'].items()}, str(tmp_path / 'w.safetensors'))
+    assert_restores(load_checkpoint(fresh(golden), str(tmp_path / 'w.safetensors')), golden)
+
+
+def test_wrong_network_names_missing_and_unexpected_keys(tmp_path, golden):
+    sd = dict(golden['state_dict'])
+    sd.pop('output.weight')
+    sd['extra.weight'] = torch.zeros(1)
+    torch.save({'params': sd}, tmp_path / 'w.pth')
+    with pytest.raises(CheckpointError, match=r"1 missing keys \['output.weight'\].*1 unexpected keys \['extra.weight'\]"):
+        load_checkpoint(fresh(golden), str(tmp_path / 'w.pth'))
+
+
+def test_arbitrary_objects_are_never_unpickled(tmp_path, golden):
+    torch.save({'params': golden['state_dict'], 'args': argparse.Namespace(lr=1)}, tmp_path / 'w.pth')
+    with pytest.raises(CheckpointError, match='weights_only=True'):
+        load_checkpoint(fresh(golden), str(tmp_path / 'w.pth'))
+
+
+def test_missing_file_and_non_checkpoint(tmp_path, golden):
+    with pytest.raises(CheckpointError, match='does not exist'):
+        load_checkpoint(fresh(golden), str(tmp_path / 'nope.pth'))
+    (tmp_path / 'notes.pth').write_text('not a checkpoint')
+    with pytest.raises(CheckpointError, match='cannot read'):
+        load_checkpoint(fresh(golden), str(tmp_path / 'notes.pth'))
+
+
+def test_training_state_is_not_mistaken_for_weights(tmp_path, golden):
+    torch.save({'iter': 10, 'epoch': 1, 'optimizers': [], 'schedulers': []}, tmp_path / '10.state')
+    with pytest.raises(CheckpointError, match='not tensors'):
+        load_checkpoint(fresh(golden), str(tmp_path / '10.state'))
