@@ -1,0 +1,169 @@
+"""Benchmark of the DATPRL networks: ``python -m datprl_arch.bench [--device cuda --amp bf16]``.
+
+Prints two tables:
+
+1. for the 6-task, CDD11 and prompt-free configurations: parameters, GFLOPs, eval time (1x3x256x256), train step
+   time (forward + backward, 4x3x128x128) and peak memory, for our network and for the literal implementation of
+   the official computation (``literal=True``) at the same weights;
+2. the speed-up over the official computation at the sizes of the method spec (eval 1x3x128x128, train 2x3x64x64).
+
+Each configuration runs in a fresh process (so peak memory is per configuration), with ``--threads`` CPU threads.
+Timings are medians over ``--repeats`` runs after ``--warmup`` runs.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+SIX_TASK = dict(type='DualPromptRestormerv3', dim=48, enc_blk_nums=[4, 6, 6], middle_blk_num=8,
+                dec_blk_nums=[6, 6, 4], refine_blk_num=4, heads=[1, 2, 4, 8], domain_pool_size=15,
+                degradation_pool_size=15, domain_prompt_dim=1024, degradation_prompt_dim=1024, domain_top_k=5,
+                degradation_top_k=3, value_num_tokens=2)
+CONFIGS = {
+    '6t': SIX_TASK,
+    'cdd11': dict(type='DualPromptRestormerv3_only_task_prompt'),
+    'prompt-free': dict(SIX_TASK, use_prompt=False),
+}
+IMPLS = {'official': dict(literal=True), 'datprl': {}, 'datprl-lean': dict(lean=True)}
+AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+MIB = 2**20
+
+
+def _median_seconds(fn, warmup: int, repeats: int, device: torch.device) -> float:
+    def timed():
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed() for _ in range(repeats))
+
+
+def _gflops(net, x) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x)
+    return counter.get_total_flops() / 1e9
+
+
+def measure(config: dict, impl: dict, args: argparse.Namespace, eval_shape, train_shape, flops: bool) -> dict:
+    """Build one network (fixed seed, so every implementation has the same weights) and time it."""
+    import datprl_arch  # noqa: F401  (registration, in the spawned process)
+    from basicsr.archs import build_network
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    net = build_network(dict(config, **impl)).to(device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if args.compile:
+        net.compile()
+    autocast = (torch.autocast(device.type, dtype=AMP_DTYPES[args.amp]) if AMP_DTYPES[args.amp]
+                else nullcontext())
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = torch.rand(*eval_shape, device=device).contiguous(memory_format=fmt)
+    row = {'params': sum(p.numel() for p in net.parameters()) / 1e6}
+    net.eval()
+    if flops:
+        row['gflops'] = _gflops(net, x)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad(), autocast:
+        row['eval_ms'] = 1e3 * _median_seconds(lambda: net(x), args.warmup, args.repeats, device)
+    net.train()
+    batch = torch.rand(*train_shape, device=device).contiguous(memory_format=fmt)
+    target = torch.rand_like(batch)
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        with autocast:
+            loss = (net(batch).float() - target).abs().mean()
+        loss.backward()
+
+    row['train_ms'] = 1e3 * _median_seconds(step, args.warmup, args.repeats, device)
+    if device.type == 'cuda':
+        row['peak_mib'] = torch.cuda.max_memory_allocated() / MIB
+    else:
+        row['peak_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    return row
+
+
+def _run(jobs, args):
+    """Run each (config, impl, shapes, flops) job in a fresh spawned process."""
+    ctx = mp.get_context('spawn')
+    results = []
+    for job in jobs:
+        with ctx.Pool(1) as pool:
+            results.append(pool.apply(measure, (*job[:2], args, *job[2:])))
+    return results
+
+
+def _table(header, rows):
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [' | '.join(str(c).rjust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+    lines.insert(1, '-+-'.join('-' * w for w in widths))
+    return '\n'.join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cpu', help='cpu or cuda')
+    parser.add_argument('--amp', default='none', choices=AMP_DTYPES, help='autocast dtype (CUDA; bf16 also on CPU)')
+    parser.add_argument('--threads', type=int, default=torch.get_num_threads(), help='CPU threads')
+    parser.add_argument('--configs', nargs='+', default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument('--impls', nargs='+', default=['official', 'datprl'], choices=IMPLS)
+    parser.add_argument('--eval-size', type=int, default=256)
+    parser.add_argument('--train-batch', type=int, default=4)
+    parser.add_argument('--train-size', type=int, default=128)
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--channels-last', action='store_true', help='run in the channels_last memory format')
+    parser.add_argument('--compile', action='store_true', help='net.compile() (slow first call; not on CPU CI)')
+    parser.add_argument('--skip-speedup', action='store_true', help='skip the official-vs-ours table at spec sizes')
+    args = parser.parse_args(argv)
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        parser.error('--device cuda: no CUDA device is visible')
+
+    eval_shape = (1, 3, args.eval_size, args.eval_size)
+    train_shape = (args.train_batch, 3, args.train_size, args.train_size)
+    print(f'device {args.device}, amp {args.amp}, threads {args.threads}, torch {torch.__version__}, '
+          f'median of {args.repeats} after {args.warmup} warm-up', flush=True)
+    jobs = [(CONFIGS[c], IMPLS[i], eval_shape, train_shape, True) for c in args.configs for i in args.impls]
+    rows = [[c, i, f"{r['params']:.2f}", f"{r['gflops']:.1f}", f"{r['eval_ms']:.0f}", f"{r['train_ms']:.0f}",
+             f"{r['peak_mib']:.0f}"]
+            for (c, i), r in zip([(c, i) for c in args.configs for i in args.impls], _run(jobs, args))]
+    mem = 'peak CUDA MiB' if args.device.startswith('cuda') else 'peak RSS MiB'
+    print(_table(['config', 'impl', 'params M', f'GFLOPs@{args.eval_size}', f'eval ms 1x3x{args.eval_size}',
+                  f'train ms {args.train_batch}x3x{args.train_size}', mem], rows), flush=True)
+    if args.skip_speedup or 'official' not in args.impls:
+        return
+    print('\nspeed-up over the official computation at the spec sizes (eval 1x3x128x128, train 2x3x64x64)')
+    ours = [i for i in args.impls if i != 'official']
+    speed_jobs = [(CONFIGS[c], IMPLS[i], (1, 3, 128, 128), (2, 3, 64, 64), False)
+                  for c in args.configs for i in ['official', *ours]]
+    results = iter(_run(speed_jobs, args))
+    rows = []
+    for c in args.configs:
+        base = next(results)
+        for i in ours:
+            r = next(results)
+            rows.append([c, i, f"{base['eval_ms']:.0f}", f"{r['eval_ms']:.0f}", f"{base['eval_ms'] / r['eval_ms']:.2f}x",
+                         f"{base['train_ms']:.0f}", f"{r['train_ms']:.0f}", f"{base['train_ms'] / r['train_ms']:.2f}x"])
+    print(_table(['config', 'impl', 'official eval ms', 'eval ms', 'eval speed-up', 'official train ms', 'train ms',
+                  'train speed-up'], rows))
+
+
+if __name__ == '__main__':
+    main()
