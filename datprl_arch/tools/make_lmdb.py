@@ -247,7 +247,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except LmdbWriteError as err:
         parser.exit(2, f'error: {err}\n')
     targets = ' and '.join(p for p in (args.gt_lmdb, args.lq_lmdb) if p)
-    get_root_logger(log_level=logging.INFO).info(f'Wrote {count} images to {targets}.')
+    logger = get_root_logger()
+    logger.setLevel(logging.INFO)
+    logger.info(f'Wrote {count} images to {targets}.')
     return 0
 
 
