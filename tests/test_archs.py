@@ -222,3 +222,12 @@ def test_prompt_state_exposes_the_retrieval():
 def test_bad_configurations_fail_at_construction(change, message):
     with pytest.raises(ValueError, match=message):
         build_network(dict(TINY, **change))
+
+
+def test_prompt_system_split_matches_the_spec_breakdown():
+    from datprl_arch.archs.prompt import prompt_parameter_names
+    net = build_network(dict(SIX_TASK))
+    names = prompt_parameter_names(net)
+    params = dict(net.named_parameters())
+    assert sum(params[n].numel() for n in names) == 27_683_870
+    assert sum(p.numel() for n, p in params.items() if n not in names) == 25_449_682

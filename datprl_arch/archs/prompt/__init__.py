@@ -3,7 +3,7 @@ from .compose import SingleKeyAttention
 from .fusion import PromptedBlock
 from .pool import PoolOutput, PromptPool
 from .query import PoolQuery
-from .system import PoolSpec, PromptState, PromptSystem
+from .system import PoolSpec, PromptState, PromptSystem, prompt_parameter_names
 
 __all__ = ['PoolOutput', 'PoolQuery', 'PoolSpec', 'PromptPool', 'PromptState', 'PromptSystem', 'PromptedBlock',
-           'SingleKeyAttention']
+           'SingleKeyAttention', 'prompt_parameter_names']

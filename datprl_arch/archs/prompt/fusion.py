@@ -21,6 +21,11 @@ from torch.nn import functional as F
 FUSIONS = ('cross_attention', 'concat', 'adaptive_modulation')
 GATE_INIT = 0.5
 DEAD_CROSS_ATTENTION = ('cross_attn_q', 'cross_attn_k')  # cannot affect the output (single-key softmax)
+FUSION_LAYERS = {
+    'cross_attention': ('cross_attn_q', 'cross_attn_k', 'cross_attn_v', 'cross_attn_out', 'prompt_norm'),
+    'concat': ('prompt_projection', 'prompt_fusion'),
+    'adaptive_modulation': ('prompt_mlp',),
+}
 
 
 def _bias_map(bias: torch.Tensor) -> torch.Tensor:
@@ -37,6 +42,7 @@ class PromptedBlock(nn.Module):
     """
 
     fusion_method: Optional[str] = None
+    prompt_members: tuple[str, ...] = ()  # attributes that belong to the prompt system (see prompt_parameter_names)
 
     def build_fusion(self, dim: int, prompt_dim: Optional[int], method: str = 'cross_attention',
                      lean: bool = False, literal: bool = False) -> None:
@@ -67,6 +73,7 @@ class PromptedBlock(nn.Module):
         else:
             self.prompt_mlp = nn.Sequential(nn.Linear(prompt_dim, 2 * dim), nn.ReLU(inplace=True),
                                             nn.Linear(2 * dim, 2 * dim))
+        self.prompt_members = ('feature_weight', 'prompt_weight', *FUSION_LAYERS[method])
 
     def gates(self) -> tuple[torch.Tensor, torch.Tensor]:
         """AGF weights ``(a_f, a_p)``, each of shape [1], summing to 1."""

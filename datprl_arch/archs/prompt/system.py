@@ -18,6 +18,25 @@ from .pool import PoolOutput, PromptPool
 from .query import DOMAIN_QUERY_GRID, TASK_QUERY_GRID, PoolQuery
 
 
+PROMPT_MODULES = ('domain_prompt_pool', 'degradation_prompt_pool', 'domain_mapper', 'degradation_mapper',
+                  'prompt_cross_attention', 'prompt_fusion_norm', 'prompt_fusion_ffn')
+
+
+def prompt_parameter_names(net: nn.Module) -> set[str]:
+    """Names of all parameters of ``net`` that belong to the prompt system: queries, pools, composition and every
+    block's gated fusion (gates included). The rest is the backbone."""
+    names = set()
+    for prefix, module in net.named_modules():
+        for member in getattr(module, 'prompt_members', ()):
+            path = f'{prefix}.{member}' if prefix else member
+            obj = getattr(module, member, None)
+            if isinstance(obj, nn.Parameter):
+                names.add(path)
+            elif isinstance(obj, nn.Module):
+                names.update(f'{path}.{n}' for n, _ in obj.named_parameters())
+    return names
+
+
 @dataclass(frozen=True)
 class PoolSpec:
     """Size P, width D and selection count k of one prompt pool."""
@@ -45,6 +64,7 @@ class PromptSystem(nn.Module):
     """
 
     prompt_state: Optional[PromptState] = None
+    prompt_members: tuple[str, ...] = ()  # attributes that belong to the prompt system (see prompt_parameter_names)
 
     def build_prompt_system(self, stem_channels: int, deep_channels: int, task: PoolSpec,
                             domain: Optional[PoolSpec], value_num_tokens: int,
@@ -62,13 +82,12 @@ class PromptSystem(nn.Module):
         if domain is not None:
             self.domain_mapper = PoolQuery(stem_channels, domain.dim, DOMAIN_QUERY_GRID)
         self.degradation_mapper = PoolQuery(deep_channels, task.dim, TASK_QUERY_GRID)
-        if domain is None:
-            return task.dim
-        if composition == 'cross_attention':
+        if domain is not None and composition == 'cross_attention':
             self.prompt_cross_attention = SingleKeyAttention(domain.dim, lean=lean, literal=literal)
             self.prompt_fusion_norm = nn.LayerNorm(domain.dim)
             self.prompt_fusion_ffn = feed_forward(domain.dim)
-        return composed_dim(domain.dim, task.dim, composition)
+        self.prompt_members = tuple(name for name in PROMPT_MODULES if hasattr(self, name))
+        return task.dim if domain is None else composed_dim(domain.dim, task.dim, composition)
 
     def compose_prompt(self, stem: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
         """stem ``[B, Cs, H, W]``, deep ``[B, Cd, h, w]`` -> domain-aware task prompt ``[B, P]``."""
