@@ -33,6 +33,15 @@ def _bias_map(bias: torch.Tensor) -> torch.Tensor:
     return bias[:, :, None, None]
 
 
+def dead_parameter_names(net: nn.Module) -> set[str]:
+    """Parameters that cannot affect ``net``'s output: the single-key attention queries and keys of every block that
+    computes the closed form. They stay registered (official checkpoints carry them) but need no training."""
+    return {f'{prefix}.{name}' for prefix, block in net.named_modules()
+            if isinstance(block, PromptedBlock) and block.fusion_method == 'cross_attention' and not block.literal
+            for member in DEAD_CROSS_ATTENTION if hasattr(block, member)
+            for name in (f'{member}.weight', f'{member}.bias')}
+
+
 class PromptedBlock(nn.Module):
     """Mixin for backbone blocks that take a prompt. A block calls ``build_fusion`` after creating its own layers
     (official key order: gates first, fusion layers after the block's layers) and ``fuse(x, prompt)`` in forward.
