@@ -36,11 +36,11 @@ class ImageDecodeError(ValueError):
     """Raised when bytes cannot be decoded into an image."""
 
 
-def decode(content: bytes, where: str = '<bytes>') -> tuple[np.ndarray, ImageFormat]:
-    """Decode image bytes to float32 ``(H, W, C)`` in ``[0, 1]`` (BGR for colour) plus the stored format.
+def decode_raw(content: bytes, where: str = '<bytes>') -> tuple[np.ndarray, ImageFormat]:
+    """Decode image bytes to their stored pixels ``(H, W, C)`` (uint8, uint16 or float32; BGR) and format.
 
-    8-bit images are divided by 255, 16-bit by 65535; float TIFFs are kept as they are. An alpha channel is
-    dropped. ``where`` names the file in error messages.
+    An alpha channel is dropped. Cropping before :func:`to_unit` avoids converting pixels that are thrown away.
+    ``where`` names the file in error messages.
     """
     if content is None:
         raise ImageDecodeError(f'{where}: no data (missing file or LMDB key).')
@@ -54,14 +54,23 @@ def decode(content: bytes, where: str = '<bytes>') -> tuple[np.ndarray, ImageFor
     elif img.shape[2] == 2:  # gray + alpha
         img = img[..., :1]
     if img.dtype in DTYPE_RANGE:
-        fmt = ImageFormat(8 * img.dtype.itemsize, img.shape[2])
-        img = img.astype(np.float32) / DTYPE_RANGE[img.dtype]
-    elif np.issubdtype(img.dtype, np.floating):
-        fmt = ImageFormat(32, img.shape[2])
-        img = img.astype(np.float32)
-    else:
-        raise ImageDecodeError(f'{where}: unsupported pixel type {img.dtype} (expected uint8, uint16 or float).')
-    return np.ascontiguousarray(img), fmt
+        return img, ImageFormat(8 * img.dtype.itemsize, img.shape[2])
+    if np.issubdtype(img.dtype, np.floating):
+        return img.astype(np.float32), ImageFormat(32, img.shape[2])
+    raise ImageDecodeError(f'{where}: unsupported pixel type {img.dtype} (expected uint8, uint16 or float).')
+
+
+def to_unit(img: np.ndarray) -> np.ndarray:
+    """Stored pixels → float32 in ``[0, 1]``: 8-bit divided by 255, 16-bit by 65535, float kept."""
+    if img.dtype in DTYPE_RANGE:
+        return img.astype(np.float32) / DTYPE_RANGE[img.dtype]
+    return img.astype(np.float32, copy=False)
+
+
+def decode(content: bytes, where: str = '<bytes>') -> tuple[np.ndarray, ImageFormat]:
+    """Decode image bytes to float32 ``(H, W, C)`` in ``[0, 1]`` (BGR for colour) plus the stored format."""
+    img, fmt = decode_raw(content, where)
+    return np.ascontiguousarray(to_unit(img)), fmt
 
 
 def to_channels(img: np.ndarray, channels: int) -> np.ndarray:

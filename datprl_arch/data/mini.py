@@ -48,7 +48,7 @@ from . import degradations as deg
 from .image_io import ImageFormat, to_stored
 
 #: Bump when the generated content changes, so older builds are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3
 #: Blocks per split for val and test (training blocks are limited by ``--limit``).
 HELD_OUT_BLOCKS = {'val': 2, 'test': 3}
 #: A block is usable when its standard deviation reaches this fraction of the best block's (skips sky, ocean, air).
@@ -60,6 +60,9 @@ NM_REGIONS = 4
 #: Blue Marble: latitude band kept (rows as a fraction of the height) and the region grid inside it.
 RS_ROWS = (1 / 6, 5 / 6)
 RS_GRID = (2, 6)
+#: PNG level of LMDB values: 0 stores unfiltered raw blocks (still PNG, readable by BasicSR) that decode several
+#: times faster than compressed ones; LMDB is the fast training format, the folders stay compressed.
+LMDB_COMPRESS_LEVEL = 0
 #: Medical scans are few and small: their blocks are this fraction of ``--size``.
 MEDICAL_BLOCK_FRACTION = 2 / 3
 #: Side of a block is rounded down to this multiple (clean x4 SR).
@@ -351,7 +354,7 @@ def _write_source(root: str, spec: SourceSpec, blocks: dict[str, list[Block]], s
             _write_png(osp.join(folder, 'lq', block.name + '.png'), lq, spec.bit_depth)
             descriptions[block.name + '.png'] = _description(spec, block)
         make_paired_lmdb(osp.join(folder, 'gt'), osp.join(folder, 'lq'), osp.join(folder, 'gt.lmdb'),
-                         osp.join(folder, 'lq.lmdb'))
+                         osp.join(folder, 'lq.lmdb'), compress_level=LMDB_COMPRESS_LEVEL)
         record[split] = [{'name': b.name, 'parent': b.parent.name, 'original': b.parent.original,
                           'box': b.global_box()} for b in chosen]
     with open(osp.join(root, spec.name, 'descriptions.json'), 'w') as f:

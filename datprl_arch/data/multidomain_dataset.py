@@ -56,7 +56,7 @@ from torchvision.transforms.functional import normalize
 
 from datprl_arch.utils.registry import register
 
-from .image_io import NETWORK_CHANNELS, decode, to_channels
+from .image_io import NETWORK_CHANNELS, decode_raw, to_channels, to_unit
 from .sampling import SAMPLING_MODES, BalancedSchedule
 from .sources import Problems, Source, build_source, parse_source
 
@@ -81,15 +81,16 @@ def crop_upsampled(gt: np.ndarray, lq: np.ndarray, gt_size: int, scale: int) -> 
     """Random ``gt_size`` crop of GT and of the bicubically upsampled LQ, upsampling only the needed LQ region.
 
     Identical to upsampling the whole LQ first (a margin of :data:`UPSAMPLE_MARGIN` LQ pixels covers the kernel).
-    ``gt`` is ``(H*scale, W*scale, C)``, ``lq`` is ``(H, W, C)``; both outputs are ``(gt_size, gt_size, C)``.
+    ``gt`` is ``(H*scale, W*scale, C)``, ``lq`` is ``(H, W, C)``, stored pixels or float; both outputs are float32
+    ``(gt_size, gt_size, C)`` in ``[0, 1]``.
     """
     top, left = random.randint(0, gt.shape[0] - gt_size), random.randint(0, gt.shape[1] - gt_size)
     y0, x0 = max(0, top // scale - UPSAMPLE_MARGIN), max(0, left // scale - UPSAMPLE_MARGIN)
     y1 = min(lq.shape[0], (top + gt_size) // scale + UPSAMPLE_MARGIN + 1)
     x1 = min(lq.shape[1], (left + gt_size) // scale + UPSAMPLE_MARGIN + 1)
-    up = upsample(lq[y0:y1, x0:x1], scale)
+    up = upsample(to_unit(lq[y0:y1, x0:x1]), scale)
     oy, ox = top - y0 * scale, left - x0 * scale
-    return gt[top:top + gt_size, left:left + gt_size], up[oy:oy + gt_size, ox:ox + gt_size]
+    return to_unit(gt[top:top + gt_size, left:left + gt_size]), up[oy:oy + gt_size, ox:ox + gt_size]
 
 
 def _vocabulary(names: list[str], fixed: Optional[list], kind: str, problems: Problems) -> list[str]:
@@ -201,21 +202,24 @@ class DATPRLMultiDomainDataset(data.Dataset):
         src = self.sources[source_idx]
         pair = src.pairs[item]
         client = self._client(source_idx)
-        gt, _ = decode(client.get(pair.gt, 'gt'), f'[{src.name}] GT {pair.gt}')
-        lq, lq_fmt = decode(client.get(pair.lq, 'lq'), f'[{src.name}] LQ {pair.lq}')
-        gt, lq = to_channels(gt, self.channels), to_channels(lq, self.channels)
+        gt, _ = decode_raw(client.get(pair.gt, 'gt'), f'[{src.name}] GT {pair.gt}')
+        lq, lq_fmt = decode_raw(client.get(pair.lq, 'lq'), f'[{src.name}] LQ {pair.lq}')
         s = src.scale
         gt = gt[:lq.shape[0] * s, :lq.shape[1] * s]
-        if self.train:
+        if self.train:  # crop the stored pixels first: converting the whole image would be wasted work
             gt_size = int(self.opt['gt_size'])
             if src.upsample_lq and s > 1:
                 gt, lq = crop_upsampled(gt, lq, gt_size, s)
             else:
                 gt, lq = paired_random_crop(gt, lq, gt_size, s, pair.gt)
+                gt, lq = to_unit(gt), to_unit(lq)
+            gt, lq = to_channels(gt, self.channels), to_channels(lq, self.channels)
             gt, lq = augment([gt, lq], self.opt.get('use_hflip', False), self.opt.get('use_rot', False))
             gt, lq = gt.reshape(gt.shape[0], gt.shape[1], -1), lq.reshape(lq.shape[0], lq.shape[1], -1)
-        elif src.upsample_lq and s > 1:
-            lq = upsample(lq, s)
+        else:
+            gt, lq = to_channels(to_unit(gt), self.channels), to_channels(to_unit(lq), self.channels)
+            if src.upsample_lq and s > 1:
+                lq = upsample(lq, s)
         if self.opt.get('color') == 'y' and self.channels == 3:
             gt, lq = bgr2ycbcr(gt, y_only=True)[..., None], bgr2ycbcr(lq, y_only=True)[..., None]
         gt, lq = img2tensor([np.ascontiguousarray(gt), np.ascontiguousarray(lq)], bgr2rgb=True, float32=True)

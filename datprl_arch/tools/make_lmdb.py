@@ -60,6 +60,15 @@ def key_problem(key: str) -> Optional[str]:
     return None
 
 
+def png_params(compress_level: int) -> list[int]:
+    """PNG encoder flags; level 0 also turns off row filters, which only help compression: the value then decodes
+    several times faster (a plain copy), at the price of raw-size storage."""
+    params = [cv2.IMWRITE_PNG_COMPRESSION, compress_level]
+    if compress_level == 0:
+        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
+    return params
+
+
 def _read(path: str) -> np.ndarray:
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if img is None:
@@ -141,7 +150,7 @@ def _write_values(items, tmp, map_size, compress_level) -> tuple[dict, list[str]
         with env.begin(write=True) as txn:
             for key, path in items:
                 img = _read(path)
-                ok, buf = cv2.imencode('.png', img, [cv2.IMWRITE_PNG_COMPRESSION, compress_level])
+                ok, buf = cv2.imencode('.png', img, png_params(compress_level))
                 if not ok:
                     raise LmdbWriteError(f'{path}: PNG encoding failed.')
                 value = buf.tobytes()
@@ -232,7 +241,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--lq', help='folder of LQ images paired with --gt by file stem')
     parser.add_argument('--lq-lmdb', help='output path for the LQ database, ending in .lmdb')
     parser.add_argument('--filename-tmpl', default='{}', help="LQ stem from GT stem, e.g. '{}_x4' (default '{}')")
-    parser.add_argument('--compress-level', type=int, default=DEFAULT_COMPRESS_LEVEL, help='PNG level 0-9')
+    parser.add_argument('--compress-level', type=int, default=DEFAULT_COMPRESS_LEVEL,
+                        help='PNG level 0-9 (0: raw, fastest to read, largest)')
     parser.add_argument('--map-size', type=int, help='LMDB map size in bytes (default: from the image sizes)')
     parser.add_argument('--overwrite', action='store_true', help='replace existing databases')
     args = parser.parse_args(argv)
