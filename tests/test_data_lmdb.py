@@ -14,7 +14,12 @@ from basicsr.data import build_dataset
 from datprl_arch.data.sources import read_lmdb_meta
 from datprl_arch.data.toy import write_pairs
 from datprl_arch.tools import make_lmdb
+from basicsr.utils.file_client import FileClient, LmdbBackend
 from datprl_arch.tools.make_lmdb import LmdbWriteError, folder_items, make_paired_lmdb, verify_lmdb, write_lmdb
+
+#: lmdb>=2 refuses a second open of one environment per process; datprl_arch._compat installs a shared backend.
+needs_shared_lmdb = pytest.mark.skipif(FileClient._backends['lmdb'] is LmdbBackend and int(lmdb.__version__[0]) >= 2,
+                                       reason="needs the shared LMDB backend of datprl_arch._compat (lmdb>=2)")
 
 
 def multi(sources, phase='val', name='t'):
@@ -46,6 +51,7 @@ def test_meta_info_and_values_follow_basicsr_format(dbs):
     assert verify_lmdb(gt_db) == 3
 
 
+@needs_shared_lmdb
 def test_basicsr_paired_dataset_and_ours_read_the_same_pixels(dbs):
     dirs, gt_db, lq_db = dbs
     stock = build_dataset(dict(name='stock', type='PairedImageDataset', phase='val', scale=1, dataroot_gt=gt_db,
@@ -135,7 +141,7 @@ def test_unpaired_folders_are_refused(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['src']
 
 
-def test_command_line(tmp_path):
+def test_command_line(tmp_path, capsys):
     gt, lq = write_pairs(str(tmp_path / 'src'), 2, (16, 16), lq_tmpl='{}_x1')
     cmd = [sys.executable, '-m', 'datprl_arch.tools.make_lmdb', '--gt', gt, '--lq', lq, '--gt-lmdb',
            str(tmp_path / 'g.lmdb'), '--lq-lmdb', str(tmp_path / 'l.lmdb'), '--filename-tmpl', '{}_x1']
@@ -143,10 +149,13 @@ def test_command_line(tmp_path):
     assert done.returncode == 0, done.stderr
     assert 'Wrote 2 images to' in done.stderr
     assert read_lmdb_meta(str(tmp_path / 'l.lmdb')) == {'img000': (16, 16, 3), 'img001': (16, 16, 3)}
-    again = subprocess.run(cmd, capture_output=True, text=True)
-    assert again.returncode == 2 and 'already exists; pass --overwrite' in again.stderr
+    with pytest.raises(SystemExit) as again:
+        make_lmdb.main(cmd[3:])
+    assert again.value.code == 2
+    assert 'already exists; pass --overwrite' in capsys.readouterr().err
 
 
+@needs_shared_lmdb
 def test_test_sets_sharing_one_gt_lmdb_and_validation_on_the_training_lmdb(tmp_path, dbs):
     """lmdb>=2 refuses a second open of one environment per process; the shared backend of _compat fixes it."""
     dirs, gt_db, lq_db = dbs

@@ -18,6 +18,7 @@ from typing import Optional
 from basicsr.utils import scandir
 
 from .image_io import ImageDecodeError, check_file
+from .lmdb_env import existing_keys
 
 #: Keys a source entry may carry; anything else is reported as a probable typo.
 SOURCE_KEYS = ('name', 'domain', 'task', 'dataroot_gt', 'dataroot_lq', 'io_backend', 'meta_info_file',
@@ -233,13 +234,6 @@ def read_lmdb_meta(lmdb_root: str) -> dict[str, tuple[int, int, int]]:
     return meta
 
 
-def lmdb_keys(lmdb_root: str) -> set[str]:
-    """All keys stored in an LMDB (reads keys only, no values)."""
-    from . import lmdb_env
-    with lmdb_env.read_env(lmdb_root) as env, env.begin(write=False) as txn:
-        return {bytes(k).decode('ascii', 'replace') for k in txn.cursor().iternext(keys=True, values=False)}
-
-
 def _pairs_from_lmdb(name, gt_root, lq_root, problems) -> list[Pair]:
     metas = {}
     for root, role in ((gt_root, 'GT'), (lq_root, 'LQ')):
@@ -261,8 +255,11 @@ def _pairs_from_lmdb(name, gt_root, lq_root, problems) -> list[Pair]:
         if not metas[role]:
             problems.add(name, f'{role} LMDB {root} is empty (meta_info.txt lists no images).')
             return []
-        stored = lmdb_keys(root)
-        missing = sorted(set(metas[role]) - stored)
+        try:
+            missing = sorted(set(metas[role]) - existing_keys(root, metas[role]))
+        except ValueError as err:
+            problems.add(name, str(err))
+            return []
         if missing:
             problems.add(name, f'{role} LMDB {root}: {len(missing)} key(s) in meta_info.txt are missing from the '
                          f'database, e.g. {missing[:3]}.')
