@@ -1,0 +1,24 @@
+"""Evaluate with BasicSR's own ``test_pipeline`` and this plugin registered.
+
+    python -m datprl_arch.test -opt options/test/FILE.yml [--force_yml val:save_img=false]
+
+Same flags as ``basicsr/test.py``; ``results/<name>/`` (log, metrics, images) is written under the current directory.
+"""
+import os
+import sys
+
+import datprl_arch  # noqa: F401  (compatibility fixes and registration, before basicsr)
+from basicsr.test import test_pipeline
+from datprl_arch.options import OptionFileError
+
+
+def main() -> None:
+    """Console script ``datprl-test``: a bad option file ends with its message (exit status 1), no traceback."""
+    try:
+        test_pipeline(os.getcwd())
+    except OptionFileError as err:
+        sys.exit(f'datprl-test: error: {err}')
+
+
+if __name__ == '__main__':
+    main()
