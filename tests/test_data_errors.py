@@ -84,6 +84,11 @@ def test_crop_larger_than_an_image(tmp_path, pairs):
     assert len(build(tmp_path, phase='train', gt_size=32)) == 3
 
 
+def test_training_needs_a_crop_size(tmp_path, pairs):
+    with pytest.raises(DataSourceError, match=r'\[gt_size\] training needs gt_size'):
+        build(tmp_path, phase='train')
+
+
 def test_unknown_key_lists_accepted_keys(tmp_path, pairs):
     with pytest.raises(DataSourceError) as err:
         build(tmp_path, wieght=2.0)

@@ -130,6 +130,8 @@ class DATPRLMultiDomainDataset(data.Dataset):
         names = [p['name'] for p in parsed if p is not None]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             problems.add(dup, 'source names must be unique.')
+        if self.train and not opt.get('gt_size'):
+            problems.add('gt_size', 'training needs gt_size (the GT crop side in pixels, e.g. 128).')
         crop = int(opt['gt_size']) if self.train and opt.get('gt_size') else None
         verify = bool(opt.get('verify_images', True))
         defaults = {'domain': SHARED_DOMAIN}
