@@ -1,24 +1,42 @@
-"""datprl: DATPRL-IR all-in-one image restoration as a BasicSR plugin."""
+"""datprl: DATPRL-IR all-in-one image restoration as a BasicSR plugin.
+
+Install with the Makefile recipe (``make install``): basicsr 1.4.2 must be built without build isolation, and its
+metadata would pull tb-nightly, so both basicsr and this package are installed with ``--no-deps`` after the files in
+``requirements/``.
+"""
+import os
+
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def requirements(name):
+    """Requirement lines of ``requirements/<name>.txt`` (comments dropped, ``-r other.txt`` followed)."""
+    lines = []
+    with open(os.path.join(HERE, 'requirements', f'{name}.txt'), encoding='utf-8') as f:
+        for line in f:
+            line = line.split('#', 1)[0].strip()
+            if line.startswith('-r '):
+                lines += requirements(line[3:].strip()[:-len('.txt')])
+            elif line:
+                lines.append(line)
+    return lines
+
 
 setup(
     name='datprl',
     version='0.1.0',
     description='Prompt-based multi-domain all-in-one image restoration (DATPRL-IR) for BasicSR',
-    long_description=open('README.md', encoding='utf-8').read(),
+    long_description=open(os.path.join(HERE, 'README.md'), encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     packages=find_packages(include=['datprl_arch', 'datprl_arch.*']),
     python_requires='>=3.9,<3.13',
-    install_requires=[
-        # basicsr is installed with --no-build-isolation --no-deps (see Makefile); its real runtime needs follow
-        'torch', 'torchvision', 'basicsr==1.4.2',
-        'numpy', 'scipy', 'opencv-python', 'lmdb', 'pyyaml', 'tqdm', 'requests', 'einops',
-        'setuptools',  # basicsr imports distutils, which Python 3.12 only has through setuptools
-    ],
+    install_requires=['basicsr==1.4.2'] + requirements('runtime'),
     extras_require={
-        'demo': ['scikit-image', 'matplotlib', 'pydicom', 'basemap-data'],
-        'test': ['pytest', 'safetensors', 'scikit-image', 'matplotlib', 'pydicom', 'basemap-data'],
-        'tb': ['tensorboard>=2.21'],
+        'demo': requirements('demo'),
+        'test': requirements('test'),
+        'tb': requirements('tb'),
         'safetensors': ['safetensors'],
     },
     entry_points={'console_scripts': [

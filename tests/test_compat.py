@@ -1,0 +1,273 @@
+"""datprl_arch._compat: each basicsr 1.4.2 breakage is shown with basicsr's own code, then shown fixed."""
+import importlib
+import json
+import os
+import pickle
+import re
+import runpy
+import subprocess
+import sys
+from collections import Counter
+
+import cv2
+import lmdb
+import pytest
+import torch
+
+import basicsr
+import basicsr.data
+import basicsr.test
+import basicsr.train
+from basicsr.data import build_dataset
+from basicsr.models.lr_scheduler import MultiStepRestartLR
+from basicsr.utils import options as basicsr_options
+from basicsr.utils.file_client import FileClient, LmdbBackend
+from basicsr.utils.lmdb_util import make_lmdb_from_imgs
+from conftest import write_png_pairs
+from datprl_arch import _compat, options
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LMDB_MAP_SIZE = 1 << 24
+
+
+# P1 / P21: imports ---------------------------------------------------------------------------------------------------
+
+def test_p1_functional_tensor_alias_lets_basicsr_import(monkeypatch):
+    name = 'torchvision.transforms.functional_tensor'
+    monkeypatch.delitem(sys.modules, name)
+    monkeypatch.delitem(sys.modules, 'basicsr.data.degradations')
+    monkeypatch.setattr(basicsr.data, 'degradations', basicsr.data.degradations)
+    with pytest.raises(ModuleNotFoundError, match='functional_tensor'):
+        importlib.import_module('basicsr.data.degradations')
+
+    _compat._alias_functional_tensor()
+    degradations = importlib.import_module('basicsr.data.degradations')
+    from torchvision.transforms.functional import rgb_to_grayscale
+    img = torch.rand(2, 3, 8, 8)
+    assert torch.equal(degradations.rgb_to_grayscale(img), rgb_to_grayscale(img))
+
+
+def test_p21_scipy_ndimage_filters_alias_once_scipy_removes_it(monkeypatch):
+    import scipy.ndimage
+    monkeypatch.setitem(sys.modules, 'scipy.ndimage.filters', None)  # as after the removal in SciPy 2
+    with pytest.raises(ImportError):
+        importlib.import_module('scipy.ndimage.filters')
+    _compat._alias_scipy_ndimage_filters()
+    from scipy.ndimage.filters import convolve
+    assert convolve is scipy.ndimage.convolve
+
+
+# P2 / P3: resume ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def run_root(tmp_path):
+    """A run root with BasicSR-style training states at iterations 2 and 4 (Adam + MultiStepRestartLR)."""
+    root = tmp_path / 'root'
+    states = root / 'experiments' / 'exp' / 'training_states'
+    states.mkdir(parents=True)
+    net = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    net(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    scheduler = MultiStepRestartLR(optimizer, milestones=[3])
+    for it in (2, 4):
+        torch.save({'epoch': 1, 'iter': it, 'optimizers': [optimizer.state_dict()],
+                    'schedulers': [scheduler.state_dict()]}, states / f'{it}.state')
+    (states / 'notes.state.bak').write_text('not a state')
+    return root
+
+
+def resume_opt(root, auto_resume, resume_state=None):
+    exp = os.path.join(root, 'experiments', 'exp')
+    return {'name': 'exp', 'auto_resume': auto_resume, 'root_path': str(root), 'network_g': {'type': 'X'},
+            'path': {'resume_state': resume_state, 'training_states': os.path.join(exp, 'training_states'),
+                     'models': os.path.join(exp, 'models')}}
+
+
+def test_p3_auto_resume_finds_the_runs_states_from_any_directory(run_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the run root
+    assert basicsr.train.load_resume_state.basicsr_original(resume_opt(run_root, True)) is None  # basicsr: start over
+
+    opt = resume_opt(run_root, True)
+    state = basicsr.train.load_resume_state(opt)
+    assert state['iter'] == 4 and isinstance(state['schedulers'][0]['milestones'], Counter)
+    assert state['optimizers'][0]['state'][0]['exp_avg'].device.type == 'cpu'
+    assert opt['path']['resume_state'] == str(run_root / 'experiments/exp/training_states/4.state')
+    assert opt['path']['pretrain_network_g'] == str(run_root / 'experiments/exp/models/net_g_4.pth')
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the CUDA-only basicsr loader works where CUDA exists')
+def test_p2_resume_state_loads_on_a_machine_without_cuda(run_root, monkeypatch):
+    monkeypatch.chdir(run_root)
+    with pytest.raises((RuntimeError, AssertionError)):
+        basicsr.train.load_resume_state.basicsr_original(resume_opt(run_root, True))
+
+    relative = os.path.join('experiments', 'exp', 'training_states', '2.state')
+    state = basicsr.train.load_resume_state(resume_opt(run_root, False, relative))
+    assert state['iter'] == 2
+
+
+def test_resume_state_relative_to_the_run_root_and_missing_file(run_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    opt = resume_opt(run_root, False, 'experiments/exp/training_states/2.state')
+    assert basicsr.train.load_resume_state(opt)['iter'] == 2
+    assert opt['path']['resume_state'] == str(run_root / 'experiments/exp/training_states/2.state')
+    with pytest.raises(FileNotFoundError, match=r"path.resume_state: training state '.*/9.state' does not exist"):
+        basicsr.train.load_resume_state(resume_opt(run_root, False, 'experiments/exp/training_states/9.state'))
+    assert basicsr.train.load_resume_state(resume_opt(run_root, False)) is None
+    assert basicsr.train.load_resume_state(resume_opt(tmp_path / 'fresh', True)) is None
+
+
+def test_resume_refuses_pickled_code_in_a_state_file(run_root):
+    path = run_root / 'experiments/exp/training_states/6.state'
+    torch.save({'epoch': 1, 'iter': 6, 'optimizers': [], 'schedulers': [], 'hook': os.system}, path)
+    with pytest.raises(pickle.UnpicklingError, match='weights_only'):
+        basicsr.train.load_resume_state(resume_opt(run_root, True))
+
+
+# P4: LMDB shared per process -----------------------------------------------------------------------------------------
+
+def make_lmdb(folder, lmdb_path):
+    names = sorted(os.listdir(folder))
+    make_lmdb_from_imgs(folder, lmdb_path, names, [n[:-len('.png')] for n in names], map_size=LMDB_MAP_SIZE)
+    return lmdb_path
+
+
+@pytest.fixture
+def lmdbs(tmp_path):
+    """GT LMDB shared by two LQ LMDBs (e.g. one clean test set at two noise levels), and the source folders."""
+    gt_dir, lq_dir = write_png_pairs(str(tmp_path / 'a'), count=3, size=16, seed=1)
+    _, lq2_dir = write_png_pairs(str(tmp_path / 'b'), count=3, size=16, seed=2)
+    return dict(gt=make_lmdb(gt_dir, str(tmp_path / 'gt.lmdb')), lq=make_lmdb(lq_dir, str(tmp_path / 'lq.lmdb')),
+                lq2=make_lmdb(lq2_dir, str(tmp_path / 'lq2.lmdb')), gt_dir=gt_dir, lq2_dir=lq2_dir)
+
+
+def paired_lmdb_dataset(name, gt, lq, phase='val'):
+    opt = dict(name=name, type='PairedImageDataset', phase=phase, scale=1, dataroot_gt=gt, dataroot_lq=lq,
+               io_backend={'type': 'lmdb'})
+    if phase == 'train':
+        opt.update(gt_size=16, use_hflip=False, use_rot=False)
+    return build_dataset(opt)
+
+
+def as_png(tensor):
+    return (tensor.permute(1, 2, 0).numpy()[..., ::-1] * 255).round().astype('uint8')
+
+
+def test_p4_basicsr_lmdb_backend_cannot_open_one_lmdb_twice(lmdbs):
+    first = LmdbBackend(db_paths=[lmdbs['gt']], client_keys=['gt'])
+    try:
+        with pytest.raises(lmdb.Error, match='already open'):
+            LmdbBackend(db_paths=[lmdbs['gt']], client_keys=['gt'])
+    finally:
+        first._client['gt'].close()
+    assert FileClient._backends['lmdb'] is _compat.SharedLmdbBackend
+    assert _compat.SharedLmdbBackend.basicsr_original is LmdbBackend
+
+
+def test_p4_datasets_share_a_gt_lmdb_and_validate_on_the_training_lmdb(lmdbs):
+    train = paired_lmdb_dataset('train', lmdbs['gt'], lmdbs['lq'], phase='train')
+    val_on_train = paired_lmdb_dataset('val_on_train', lmdbs['gt'], lmdbs['lq'])
+    second_noise_level = paired_lmdb_dataset('test_b', lmdbs['gt'], lmdbs['lq2'])
+    for i in range(3):
+        gt = cv2.imread(os.path.join(lmdbs['gt_dir'], f'img{i:02d}.png'))
+        for sample in (train[i], val_on_train[i], second_noise_level[i]):
+            assert (as_png(sample['gt']) == gt).all()
+        lq2 = cv2.imread(os.path.join(lmdbs['lq2_dir'], f'img{i:02d}.png'))
+        assert (as_png(second_noise_level[i]['lq']) == lq2).all()
+
+
+class WithEnvOwner(torch.utils.data.Dataset):
+    """Wraps a dataset; each sample also says whether the shared LMDB environment belongs to the reading process."""
+
+    def __init__(self, dataset, lmdb_path):
+        self.dataset, self.key = dataset, os.path.realpath(lmdb_path)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        sample = self.dataset[index]
+        return sample['lq'], _compat._LMDB_ENVS[self.key][0] == os.getpid()
+
+
+def test_p4_forked_dataloader_workers_reopen_the_environment(lmdbs):
+    dataset = WithEnvOwner(paired_lmdb_dataset('val', lmdbs['gt'], lmdbs['lq2']), lmdbs['lq2'])
+    expected = torch.stack([dataset[i][0] for i in range(3)])  # the parent opens the environment first
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, multiprocessing_context='fork')
+    batches = list(loader)
+    assert torch.equal(torch.cat([lq for lq, _ in batches]), expected)
+    assert all(owned.item() for _, owned in batches)
+
+
+def test_p4_an_lmdb_rebuilt_at_the_same_path_is_reopened(lmdbs, tmp_path):
+    before = paired_lmdb_dataset('v1', lmdbs['gt'], lmdbs['lq'])[0]['lq']
+    os.rename(lmdbs['lq'], str(tmp_path / 'old.lmdb'))
+    make_lmdb(lmdbs['lq2_dir'], lmdbs['lq'])
+    after = paired_lmdb_dataset('v2', lmdbs['gt'], lmdbs['lq'])[0]['lq']
+    assert not torch.equal(before, after)
+    assert (as_png(after) == cv2.imread(os.path.join(lmdbs['lq2_dir'], 'img00.png'))).all()
+
+
+def test_p4_missing_lmdb_is_named(tmp_path):
+    missing = str(tmp_path / 'nope.lmdb')
+    with pytest.raises(FileNotFoundError, match=f"LMDB '{re.escape(missing)}' does not exist"):
+        FileClient('lmdb', db_paths=[missing], client_keys=['gt'])
+
+
+# Installation, idempotency, version guard, logger ------------------------------------------------------------------
+
+def test_patches_are_idempotent_and_keep_basicsr_originals():
+    before = (basicsr.train.load_resume_state, basicsr.train.parse_options, basicsr.test.parse_options,
+              basicsr_options.ordered_yaml, FileClient._backends['lmdb'])
+    _compat.apply()
+    _compat.apply()
+    assert (basicsr.train.load_resume_state, basicsr.train.parse_options, basicsr.test.parse_options,
+            basicsr_options.ordered_yaml, FileClient._backends['lmdb']) == before
+    assert before == (_compat.load_resume_state, options.parse_options, options.parse_options,
+                      options.ordered_yaml, _compat.SharedLmdbBackend)
+    assert options.parse_options.basicsr_original is basicsr_options.parse_options
+    assert options.ordered_yaml.basicsr_original.__module__ == 'basicsr.utils.options'
+    assert _compat.load_resume_state.basicsr_original.__module__ == 'basicsr.train'
+
+
+def test_patches_skip_other_basicsr_versions(monkeypatch):
+    monkeypatch.setattr(basicsr, '__version__', '1.5.0')
+    monkeypatch.setattr(basicsr.train, 'load_resume_state', 'untouched')
+    with pytest.warns(RuntimeWarning, match='basicsr 1.5.0 is installed; the compatibility fixes target basicsr 1.4.2'):
+        _compat.apply()
+    assert basicsr.train.load_resume_state == 'untouched'
+
+
+def test_p11_import_creates_no_logger():
+    code = ('import logging, json, datprl_arch\n'
+            'from basicsr.utils.logger import initialized_logger\n'
+            "print(json.dumps([len(logging.getLogger('basicsr').handlers), sorted(initialized_logger)]))")
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == [0, []]
+
+
+def setup_keywords(monkeypatch):
+    import setuptools
+    captured = {}
+    monkeypatch.setattr(setuptools, 'setup', lambda **keywords: captured.update(keywords))
+    monkeypatch.setattr(sys, 'argv', ['setup.py', '--name'])
+    runpy.run_path(os.path.join(REPO, 'setup.py'), run_name='__main__')
+    return captured
+
+
+def test_install_recipe_pins_basicsr_without_tb_nightly_and_declares_setuptools(monkeypatch):
+    keywords = setup_keywords(monkeypatch)
+    requires = keywords['install_requires']
+    assert 'basicsr==1.4.2' in requires and 'setuptools' in requires
+    everything = requires + [r for extra in keywords['extras_require'].values() for r in extra]
+    assert not [r for r in everything if 'tb-nightly' in r or 'tb_nightly' in r]
+    assert not [r for r in requires if r.startswith('tensorboard')]
+    assert keywords['extras_require']['tb'] == ['tensorboard>=2.21']
+    steps = [line.strip() for line in open(os.path.join(REPO, 'Makefile'), encoding='utf-8')
+             if line.startswith('\t$(PIP) install')]
+    assert steps == ['$(PIP) install torch==2.14.1 torchvision==0.29.1', '$(PIP) install setuptools wheel',
+                     '$(PIP) install --no-build-isolation --no-deps basicsr==1.4.2',
+                     '$(PIP) install -r requirements/runtime.txt -r requirements/test.txt',
+                     '$(PIP) install --no-build-isolation --no-deps -e .']
