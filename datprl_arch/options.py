@@ -122,4 +122,4 @@ def check_tensorboard(opt: dict, opt_file: str) -> None:
     except ImportError as err:
         raise OptionFileError(
             f'{opt_file}: logger.use_tb_logger is true but TensorBoard cannot be imported ({err}). Install it with '
-            "`pip install tensorboard` (or this package's `[tb]` extra), or set `use_tb_logger: false`.") from None
+            '`pip install tensorboard`, or set `use_tb_logger: false`.') from None
