@@ -109,11 +109,16 @@ def reinitialise_prompts(pool: nn.Module, rows: Sequence[int],
     """
     if not rows:
         return
-    pool.reset_prompts(torch.as_tensor(list(rows), dtype=torch.int64))
+    rows = torch.as_tensor(list(rows), dtype=torch.int64)
+    pool.reset_prompts(rows)
     for param in (pool.prompt_keys, pool.prompt_values):
         if _distributed():
-            dist.broadcast(param.data, src=0)
+            fresh = param.data[rows.to(param.device)]
+            if dist.get_backend() == dist.Backend.NCCL:
+                fresh = fresh.cuda()
+            dist.broadcast(fresh, src=0)
+            param.data[rows.to(param.device)] = fresh.to(param.device)
         state = optimizer.state.get(param, {}) if optimizer is not None else {}
         for value in state.values():
             if torch.is_tensor(value) and value.shape == param.shape:
-                value[list(rows)] = 0
+                value[rows.to(value.device)] = 0
