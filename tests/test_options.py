@@ -99,7 +99,8 @@ def test_python_tags_run_code_in_basicsr_but_are_rejected_here(tmp_path, monkeyp
 ])
 def test_option_file_must_be_a_mapping(tmp_path, monkeypatch, text, expected):
     path = write(tmp_path, text)
-    with pytest.raises(OptionFileError, match=rf'^{re.escape(path)}: an option file must be a YAML mapping .* {re.escape(expected)}'):
+    pattern = rf'^{re.escape(path)}: an option file must be a YAML mapping .* {re.escape(expected)}'
+    with pytest.raises(OptionFileError, match=pattern):
         parse(monkeypatch, path)
 
 
