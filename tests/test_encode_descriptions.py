@@ -193,3 +193,40 @@ def test_bad_embeddings_files_are_named(tmp_path):
         load_description_embeddings(str(broken))
     with pytest.raises(ValueError, match=r'need N >= 1 names, N sources and an \[N, E\] tensor, got 2 names'):
         DescriptionEmbeddings(['a', 'b'], ['s', 's'], torch.ones(1, 2), 'e')
+
+
+class FakeOpenClip:
+    """Stands in for the optional open_clip package: records how the encoder calls it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def load_openai_model(self, path, precision, device):
+        self.calls.append((path, precision, device))
+        fake = self
+
+        class TextTower(torch.nn.Module):
+            def encode_text(self, tokens):
+                fake.calls.append(('encode_text', tuple(tokens.shape)))
+                return tokens[:, :3].double() + 1  # not unit norm, not float32: the tool normalises
+
+        return TextTower()
+
+    @staticmethod
+    def tokenize(texts):
+        return torch.tensor([[len(t), 2, 3, 4] for t in texts])
+
+
+def test_clip_path_loads_local_weights_and_normalises(described, tmp_path, monkeypatch):
+    rain, _ = described
+    weights = tmp_path / 'RN50.pt'
+    weights.write_bytes(b'weights')
+    fake = FakeOpenClip()
+    monkeypatch.setitem(sys.modules, 'open_clip', fake)
+    out = str(tmp_path / 'clip.pt')
+    assert main([rain, '--clip-weights', str(weights), '--out', out]) == 0
+    assert fake.calls == [(str(weights), 'fp32', 'cpu'), ('encode_text', (2, 4))]
+    table = DescriptionEmbeddings.load(out)
+    assert table.encoder == 'open_clip:RN50:RN50.pt' and table.dim == 3
+    first = torch.tensor([len(RAIN['0001.png']) + 1, 3.0, 4.0])
+    assert torch.allclose(table.embeddings[0], first / first.norm())
