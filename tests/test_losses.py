@@ -412,3 +412,44 @@ def test_alignment_float32_under_autocast_and_errors():
         DATPRLDomainAlignmentLoss()(prompt, text)
     with pytest.raises(ValueError, match="mode must be one of \\('cosine', 'infonce'\\), got 'l2'"):
         DATPRLDomainAlignmentLoss(mode='l2')
+
+
+# ------------------------------------------------------------------------------------- on a real network's prompts
+
+TINY = dict(type='DATPRLRestormer', dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1],
+            refine_blk_num=1, heads=[1, 2, 4, 8], domain_pool_size=6, degradation_pool_size=7, domain_prompt_dim=32,
+            degradation_prompt_dim=32, domain_top_k=3, degradation_top_k=2, value_num_tokens=2)
+
+
+def test_prompt_losses_on_a_network_step_under_autocast():
+    from basicsr.archs import build_network
+    torch.manual_seed(8)
+    net = build_network(dict(TINY)).train()
+    projection = TextSpaceProjection(32, 12)
+    with bf16_autocast():
+        net(torch.rand(4, 3, 16, 16))
+        state = net.prompt_state
+        terms = {
+            'diversity': DATPRLDiversityLoss()(net.degradation_prompt_pool, net.domain_prompt_pool),
+            'balance': DATPRLBalanceLoss()(state.task, state.domain),
+            'contrastive': DATPRLSupConLoss()(state.task_query, [0, 0, 1, 1]),
+            'alignment': DATPRLDomainAlignmentLoss(mode='infonce')(state.domain.prompt, torch.randn(4, 12),
+                                                                   projection),
+        }
+    grads = {}
+    for name, loss in terms.items():
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        net.zero_grad(set_to_none=True)
+        projection.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=True)
+        grads[name] = {n for n, p in [*net.named_parameters(), *projection.named_parameters()]
+                       if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads['diversity'] == {f'{pool}.{p}' for pool in ('degradation_prompt_pool', 'domain_prompt_pool')
+                                  for p in ('prompt_keys', 'prompt_values')}
+    assert {'degradation_prompt_pool.prompt_keys', 'domain_prompt_pool.temperature'} <= grads['balance']
+    assert any(n.startswith('degradation_mapper.') for n in grads['balance'])
+    assert any(n.startswith('degradation_mapper.') for n in grads['contrastive'])
+    assert not any(n.startswith('domain_') for n in grads['contrastive'])
+    assert 'linear.weight' in grads['alignment']
+    assert any(n.startswith('domain_prompt_pool.value_aggregation') for n in grads['alignment'])
+    assert not any(n.startswith('degradation_') for n in grads['alignment'])

@@ -43,7 +43,7 @@ class TextSpaceProjection(nn.Module):
 @register(LOSS_REGISTRY, aliases=('DomainPriorAlignmentLoss',))
 class DATPRLDomainAlignmentLoss(nn.Module):
     """Align domain representations ``p`` ``[B, D]`` (projected to ``[B, E]`` if a projection is given) with their
-    descriptions' text embeddings ``t`` ``[B, E]`` (constants: no gradient reaches them). With ``p̂``, ``t̂`` unit rows:
+    descriptions' text embeddings ``t`` ``[B, E]`` (constants: no gradient reaches them). With unit rows ``p̂``, ``t̂``:
 
         mode 'cosine':   L = mean_b (1 − p̂_b·t̂_b)
         mode 'infonce':  L = ½ [CE(p̂ t̂ᵀ/τ, Y) + CE(t̂ p̂ᵀ/τ, Y)]   (symmetric InfoNCE over the batch)

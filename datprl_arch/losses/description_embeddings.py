@@ -13,7 +13,6 @@ It holds plain tensors, strings and lists only, so it loads with ``torch.load(we
 """
 from __future__ import annotations
 
-import os
 import os.path as osp
 from collections import defaultdict
 from typing import Optional, Sequence

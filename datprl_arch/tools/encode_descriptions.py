@@ -211,7 +211,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if encoder_kind == 'hash':
             encoder, name = hash_encoder(args.dim), HASH_ENCODER
         elif encoder_kind == 'clip':
-            encoder, name = clip_encoder(args.clip_weights, args.device), f'open_clip:RN50:{osp.basename(args.clip_weights)}'
+            encoder = clip_encoder(args.clip_weights, args.device)
+            name = f'open_clip:RN50:{osp.basename(args.clip_weights)}'
         else:
             encoder = sentence_transformers_encoder(args.st_dir, args.device)
             name = f'sentence-transformers:{osp.basename(osp.normpath(args.st_dir))}'
