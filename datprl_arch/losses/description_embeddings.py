@@ -98,9 +98,9 @@ class DescriptionEmbeddings:
                            'encoder': self.encoder, 'dim': self.dim}, path)
 
     def find(self, gt_path: str, source: Optional[str] = None) -> Optional[int]:
-        """Row of the image at ``gt_path`` (of ``source`` when given and known to the file), or None."""
+        """Row of the image at ``gt_path`` (of ``source`` when given), or None."""
         keys = name_variants(gt_path)
-        if source is not None and source in self.source_means:
+        if source is not None:  # a source without descriptions has none of its images in the file
             return next((self.source_index[(source, k)] for k in keys if (source, k) in self.source_index), None)
         for key in keys:
             if key in self.ambiguous:

@@ -48,7 +48,7 @@ def gate_values(net: nn.Module) -> dict:
     for name, block in net.named_modules():
         if isinstance(block, PromptedBlock) and block.fusion_method is not None:
             a_f, a_p = block.gates()
-            out[name] = {'feature': float(a_f), 'prompt': float(a_p)}
+            out[name] = {"feature": a_f.item(), "prompt": a_p.item()}
     return out
 
 

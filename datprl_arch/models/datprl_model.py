@@ -1,24 +1,296 @@
-"""The DATPRL restoration model for BasicSR's runners (registered also as the official ``ALLINONEModel``).
+"""The DATPRL training and evaluation model for BasicSR's runners.
 
-It is BasicSR's SRModel with checkpoint loading that accepts every format DATPRL users have (see
-``datprl_arch.utils.checkpoint``): ``pretrain_network_g`` may point to a BasicSR file, an official Lightning
-``.ckpt``, a plain state_dict or a ``.safetensors`` file.
+Registered as ``DATPRLModel`` and under the official names ``ALLINONEModel`` and ``MultiModalSRv3Model`` (the model
+the official 6-task option file names but the release lacks). It is BasicSR's SRModel plus:
+
+- every key of the official ``train:`` section (see ``TRAIN_KEYS``); an unknown key is an error listing them;
+- checkpoint loading for BasicSR, Lightning, plain and safetensors files;
+- parameter groups (``prompt_lr``), the common optimizers and schedulers, freezing named parts, ``use_amp``
+  (bf16/fp16 autocast on CUDA; fp32 with a notice on CPU), ``grad_clip``, opt-in ``compile``;
+- EMA that also carries buffers;
+- atomic checkpoints and training states; a non-finite loss skips its step, several in a row stop training;
+- validation that reports every set, the average over all sets and per domain, into the log and a JSON file.
+
+One training step: ``feed_data`` (images, labels, GT paths) -> forward under autocast -> pixel, FFT and
+prompt-pool losses (``PromptObjectives``, reading ``net.prompt_state``) -> backward (scaled for fp16) -> clip ->
+optimizer step -> EMA -> usage statistics.
 """
 from __future__ import annotations
 
-from basicsr.models.sr_model import SRModel
-from basicsr.utils import get_root_logger
-from basicsr.utils.registry import MODEL_REGISTRY
+from collections import OrderedDict
+from contextlib import nullcontext
+from os import path as osp
 
+import torch
+from basicsr.losses import build_loss
+from basicsr.metrics import calculate_metric
+from basicsr.models.sr_model import SRModel
+from basicsr.utils import get_root_logger, tensor2img
+from basicsr.utils.dist_util import master_only
+from basicsr.utils.registry import MODEL_REGISTRY
+from torch import distributed as dist
+
+from ..archs.prompt import dead_parameter_names
+from ..utils.atomic import atomic_torch_save, atomic_write_json
 from ..utils.checkpoint import load_checkpoint
 from ..utils.registry import register
+from .optim import build_optimizer, build_scheduler, parameter_groups, resolve_parts
+from .prompt_objectives import OBJECTIVE_KEYS, PromptObjectives
+from .analysis import PromptAnalysis
+from .reporting import ValidationReport, write_result_image
+
+BASICSR_TRAIN_KEYS = ('ema_decay', 'optim_g', 'scheduler', 'total_iter', 'warmup_iter', 'pixel_opt', 'perceptual_opt')
+MODEL_TRAIN_KEYS = ('fft_opt', 'prompt_lr', 'use_amp', 'amp_dtype', 'grad_clip', 'freeze', 'compile',
+                    'max_nonfinite_steps', 'enable_prompt_analysis', 'prompt_analysis_freq',
+                    'prompt_analysis_save_path')
+TRAIN_KEYS = BASICSR_TRAIN_KEYS + MODEL_TRAIN_KEYS + OBJECTIVE_KEYS
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+DEFAULT_MAX_NONFINITE = 5  # consecutive non-finite steps tolerated before training stops
 
 
-@register(MODEL_REGISTRY, aliases=('ALLINONEModel',))
+def check_train_keys(train_opt: dict) -> None:
+    unknown = sorted(set(train_opt) - set(TRAIN_KEYS))
+    if unknown:
+        raise ValueError(f'unknown key(s) {unknown} in the train: section; accepted keys: {sorted(TRAIN_KEYS)}')
+
+
+@register(MODEL_REGISTRY, aliases=('ALLINONEModel', 'MultiModalSRv3Model'))
 class DATPRLModel(SRModel):
-    """SRModel whose ``load_network`` reads BasicSR, Lightning, plain and safetensors checkpoints."""
+    """SRModel with the DATPRL training method; see the module docstring."""
+
+    # ---------------------------------------------------------------- setup
+    def model_to_device(self, net):
+        """Freeze what ``train.freeze`` names and the dead parameters before any DDP wrapping sees the network."""
+        if self.opt['is_train'] and self.opt.get('train'):
+            frozen = dead_parameter_names(net) | resolve_parts(net, self.opt['train'].get('freeze') or ())
+            for name, param in net.named_parameters():
+                if name in frozen:
+                    param.requires_grad_(False)
+            if frozen:
+                get_root_logger().info(f'Frozen parameters: {len(frozen)} tensors, '
+                                       f'{sum(p.numel() for n, p in net.named_parameters() if n in frozen):,} values')
+        return super().model_to_device(net)
+
+    def init_training_settings(self):
+        train_opt = self.opt['train']
+        check_train_keys(train_opt)
+        logger = get_root_logger()
+        self.objectives = PromptObjectives(train_opt, self.opt, self.get_bare_model(self.net_g)).to(self.device)
+        self.cri_fft = build_loss(dict(train_opt['fft_opt'])).to(self.device) if train_opt.get('fft_opt') else None
+        self.grad_clip = train_opt.get('grad_clip')
+        self.max_nonfinite = int(train_opt.get('max_nonfinite_steps', DEFAULT_MAX_NONFINITE))
+        self.nonfinite_steps = 0
+        self.amp_dtype = None
+        if train_opt.get('use_amp'):
+            if self.device.type == 'cuda':
+                self.amp_dtype = AMP_DTYPES[train_opt.get('amp_dtype', 'bf16')]
+            else:
+                logger.info('use_amp: mixed precision needs CUDA; training in float32 on the CPU.')
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        super().init_training_settings()  # EMA, pixel/perceptual losses, optimizers, schedulers
+        if train_opt.get('compile'):
+            self.get_bare_model(self.net_g).compile()
+
+    def setup_optimizers(self):
+        train_opt = self.opt['train']
+        lr = train_opt['optim_g']['lr']
+        groups = parameter_groups(self.get_bare_model(self.net_g), lr, train_opt.get('prompt_lr'))
+        extra = [p for p in self.objectives.parameters() if p.requires_grad]
+        if extra:
+            groups.append({'params': extra, 'lr': train_opt.get('prompt_lr', lr), 'name': 'alignment'})
+        self.optimizer_g = build_optimizer(train_opt['optim_g'], groups)
+        self.optimizers.append(self.optimizer_g)
+
+    def setup_schedulers(self):
+        for optimizer in self.optimizers:
+            self.schedulers.append(build_scheduler(self.opt['train']['scheduler'], optimizer))
 
     def load_network(self, net, load_path, strict=True, param_key='params'):
         """Load ``load_path`` into ``net``; ``param_key`` is preferred when the file has it, else the format decides."""
-        get_root_logger().info(f'Loading {type(getattr(net, "module", net)).__name__} from {load_path}')
+        get_root_logger().info(f'Loading {type(self.get_bare_model(net)).__name__} from {load_path}')
         load_checkpoint(net, load_path, param_key=param_key, strict=strict)
+
+    # ---------------------------------------------------------------- training step
+    def feed_data(self, data):
+        super().feed_data(data)
+        self.labels = {k: data[k].to(self.device) for k in ('source', 'domain', 'task') if k in data}
+        self.gt_paths = list(data.get('gt_path', ()))
+        self.source_names = list(data['source_name']) if 'source_name' in data else None
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
+    def _losses(self, current_iter: int) -> 'OrderedDict[str, torch.Tensor]':
+        losses = OrderedDict()
+        output = self.output.float()
+        if self.cri_pix:
+            losses['l_pix'] = self.cri_pix(output, self.gt)
+        if self.cri_perceptual:
+            percep, style = self.cri_perceptual(output, self.gt)
+            for name, value in (('l_percep', percep), ('l_style', style)):
+                if value is not None:
+                    losses[name] = value
+        if self.cri_fft:
+            losses['l_fft'] = self.cri_fft(output, self.gt)
+        losses.update(self.objectives(self.get_bare_model(self.net_g), self.labels, self.gt_paths, self.source_names))
+        return losses
+
+    def _all_finite(self, losses) -> bool:
+        """True when every loss term is finite on every rank (ranks must agree, or DDP would hang)."""
+        finite = torch.tensor(float(all(torch.isfinite(v).all() for v in losses.values())), device=self.device)
+        if self.opt['dist']:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def optimize_parameters(self, current_iter):
+        self.optimizer_g.zero_grad(set_to_none=True)
+        with self._autocast():
+            self.output = self.net_g(self.lq)
+            losses = self._losses(current_iter)
+        if not self._all_finite(losses):
+            self._skip_step(losses, current_iter)
+        else:
+            self.nonfinite_steps = 0
+            self.scaler.scale(sum(losses.values())).backward()
+            if self.grad_clip:
+                self.scaler.unscale_(self.optimizer_g)
+                params = [p for group in self.optimizer_g.param_groups for p in group['params']]
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            self.scaler.step(self.optimizer_g)
+            self.scaler.update()
+            if self.ema_decay > 0:
+                self.model_ema(decay=self.ema_decay)
+        self.log_dict = self.reduce_loss_dict(OrderedDict((k, v.detach()) for k, v in losses.items()))
+        self.log_dict.update(self.objectives.end_step(self.get_bare_model(self.net_g), current_iter, self.optimizer_g))
+
+    def _skip_step(self, losses, current_iter):
+        self.nonfinite_steps += 1
+        bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
+        get_root_logger().warning(f'iter {current_iter}: non-finite loss {bad or "on another rank"}; step skipped '
+                                  f'({self.nonfinite_steps} in a row, limit {self.max_nonfinite})')
+        if self.nonfinite_steps >= self.max_nonfinite:
+            raise RuntimeError(f'{self.nonfinite_steps} consecutive non-finite losses (last: {bad}) at iter '
+                               f'{current_iter}; stopping before NaN weights are written. Lower the learning rate, '
+                               'set grad_clip, or check the data.')
+
+    def model_ema(self, decay=0.999):
+        """EMA of the parameters; buffers are copied (BasicSR's EMA leaves them at their initial values)."""
+        net = self.get_bare_model(self.net_g)
+        ema_params = dict(self.net_g_ema.named_parameters())
+        with torch.no_grad():
+            for name, param in net.named_parameters():
+                ema_params[name].mul_(decay).add_(param, alpha=1 - decay)
+            ema_buffers = dict(self.net_g_ema.named_buffers())
+            for name, buf in net.named_buffers():
+                ema_buffers[name].copy_(buf)
+
+    # ---------------------------------------------------------------- saving and resuming
+    @master_only
+    def save_network(self, net, net_label, current_iter, param_key='params'):
+        """BasicSR's ``net_<label>_<iter>.pth`` ``{param_key: state_dict}``, written atomically."""
+        nets = net if isinstance(net, list) else [net]
+        keys = param_key if isinstance(param_key, list) else [param_key]
+        state = {key: {k: v.cpu() for k, v in self.get_bare_model(n).state_dict().items()} for n, key in zip(nets, keys)}
+        name = 'latest' if current_iter == -1 else current_iter
+        atomic_torch_save(state, osp.join(self.opt['path']['models'], f'{net_label}_{name}.pth'))
+
+    @master_only
+    def save_training_state(self, epoch, current_iter):
+        """BasicSR's ``<iter>.state`` plus AMP scaler, prompt statistics and alignment head, written atomically."""
+        if current_iter == -1:
+            return
+        state = {'epoch': epoch, 'iter': current_iter,
+                 'optimizers': [o.state_dict() for o in self.optimizers],
+                 'schedulers': [s.state_dict() for s in self.schedulers],
+                 'scaler': self.scaler.state_dict(), 'objectives': self.objectives.state_dict(),
+                 'objective_stats': self.objectives.stats_state()}
+        atomic_torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
+
+    def resume_training(self, resume_state):
+        super().resume_training(resume_state)
+        if 'scaler' in resume_state:
+            self.scaler.load_state_dict(resume_state['scaler'])
+        if 'objectives' in resume_state:
+            self.objectives.load_state_dict(resume_state['objectives'])
+            self.objectives.load_stats_state(resume_state['objective_stats'])
+
+    # ---------------------------------------------------------------- validation
+    def _report(self) -> ValidationReport:
+        if not hasattr(self, 'report'):
+            phases = [d.get('phase') for d in self.opt['datasets'].values()]
+            count = sum(p == 'val' for p in phases) if self.opt['is_train'] else len(phases)
+            root = self.opt['path']['experiments_root' if self.opt['is_train'] else 'results_root']
+            self.report = ValidationReport(count, osp.join(root, 'metrics.json'))
+        return self.report
+
+    def _analysis_for(self, current_iter) -> PromptAnalysis | None:
+        """The prompt analysis collecting in this validation round, if one is due: in training every
+        ``prompt_analysis_freq`` iterations with ``enable_prompt_analysis``; in testing with ``val.prompt_analysis``."""
+        if self.opt['is_train']:
+            train_opt = self.opt['train']
+            freq = int(train_opt.get('prompt_analysis_freq') or self.opt['val']['val_freq'])
+            if not train_opt.get('enable_prompt_analysis') or int(current_iter) % freq:
+                return None
+            path = train_opt.get('prompt_analysis_save_path')
+        elif self.opt['val'].get('prompt_analysis'):
+            path = self.opt['val'].get('prompt_analysis_save_path')
+        else:
+            return None
+        if not hasattr(self, 'analysis'):
+            root = self.opt['path']['experiments_root' if self.opt['is_train'] else 'results_root']
+            self.analysis = PromptAnalysis(path or osp.join(root, 'prompt_analysis'))
+        return self.analysis
+
+    def _tested_net(self):
+        return self.net_g_ema if hasattr(self, 'net_g_ema') else self.get_bare_model(self.net_g)
+
+    def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
+        """Metrics of one validation/test set; after the last set of a round, averages over all sets and per
+        domain (and the prompt analysis, when due). Images are written under ``visualization/<set>/`` in the
+        input's bit depth and channels."""
+        if self.opt['is_train']:  # BasicSR's loop ends past total_iter (one step per remaining epoch): the
+            current_iter = min(current_iter, self.opt['train']['total_iter'])  # final validation is of total_iter
+        dataset_name = dataloader.dataset.opt['name']
+        metric_opts = self.opt['val'].get('metrics') or {}
+        sums = {name: 0.0 for name in metric_opts}
+        analysis = self._analysis_for(current_iter)
+        domain, task, count = dataloader.dataset.opt.get('domain'), dataloader.dataset.opt.get('task'), 0
+        for val_data in dataloader:
+            self.feed_data(val_data)
+            self.test()
+            domain = domain or (val_data['domain_name'][0] if 'domain_name' in val_data else None)
+            task = task or (val_data['task_name'][0] if 'task_name' in val_data else None)
+            if analysis is not None and getattr(self._tested_net(), 'prompt_state', None) is not None:
+                analysis.collect(self._tested_net().prompt_state,
+                                 {'task': task or dataset_name, 'domain': domain or 'all', 'source': dataset_name})
+            result = self.output.detach().cpu()
+            images = {'img': tensor2img([result])}
+            if hasattr(self, 'gt'):
+                images['img2'] = tensor2img([self.gt.detach().cpu()])
+                del self.gt
+            for name, opt_ in metric_opts.items():
+                sums[name] += calculate_metric(images, dict(opt_))
+            if save_img:
+                img_name = osp.splitext(osp.basename(val_data['lq_path'][0]))[0]
+                tag = self.opt['val'].get('suffix') or (current_iter if self.opt['is_train'] else self.opt['name'])
+                path = osp.join(self.opt['path']['visualization'], dataset_name, f'{img_name}_{tag}.png')
+                write_result_image(path, result[0], val_data)
+            count += 1
+            del self.lq, self.output
+        self.metric_results = {name: total / max(count, 1) for name, total in sums.items()}
+        if metric_opts:
+            self._initialize_best_metric_results(dataset_name)
+            for name, value in self.metric_results.items():
+                self._update_best_metric_result(dataset_name, name, value, current_iter)
+            self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
+        summary = self._report().add(current_iter, dataset_name, domain or 'all', self.metric_results)
+        if summary is None:
+            return
+        logger = get_root_logger()
+        if metric_opts:
+            logger.info(summary)
+            if tb_logger:
+                for name, value in self.report.last_average.items():
+                    tb_logger.add_scalar(f'metrics/average/{name}', value, current_iter)
+        if analysis is not None and analysis.records:
+            logger.info(f'Prompt analysis written to {analysis.write(current_iter, self._tested_net())}')

@@ -29,7 +29,7 @@ def write_result_image(path: str, result: torch.Tensor, batch: dict) -> None:
 
 
 def _mean(rows: list[dict]) -> dict:
-    return {name: float(np.mean([r[name] for r in rows])) for name in rows[0]}
+    return {name: float(np.mean([r[name] for r in rows])) for name in rows[0]} if rows else {}
 
 
 class ValidationReport:

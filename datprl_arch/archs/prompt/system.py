@@ -87,7 +87,8 @@ class PromptSystem(nn.Module):
             self.prompt_fusion_norm = nn.LayerNorm(domain.dim)
             self.prompt_fusion_ffn = feed_forward(domain.dim)
         self.prompt_members = tuple(name for name in PROMPT_MODULES if hasattr(self, name))
-        return task.dim if domain is None else composed_dim(domain.dim, task.dim, composition)
+        self.prompt_width = task.dim if domain is None else composed_dim(domain.dim, task.dim, composition)
+        return self.prompt_width
 
     def compose_prompt(self, stem: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
         """stem ``[B, Cs, H, W]``, deep ``[B, Cd, h, w]`` -> domain-aware task prompt ``[B, P]``."""

@@ -1,0 +1,184 @@
+"""The prompt-pool objectives of a training step, built from the official ``train:`` keys.
+
+Reads the network's last retrieval (``net.prompt_state``) and the batch labels, and returns the weighted terms:
+
+| term | option (6T value) | what |
+| --- | --- | --- |
+| ``l_div`` | ``prompt_diversity_weight`` (1.0), ``diversity_temperature`` (0.1) | prompts of a pool stay apart |
+| ``l_bal`` | ``prompt_balance_weight`` (0.1), ``balance_mode`` | soft pool usage stays near uniform |
+| ``l_con``, ``l_con_dom`` | ``prompt_contrastive_weight`` (0.1), ``contrastive_temperature`` | SupCon on task queries with task labels, domain queries with domain labels |
+| ``l_align`` | ``use_clip_constraint``, ``clip_alignment_weight`` (1.0) | domain prompts pulled to their images' description embeddings |
+
+Hard usage counters are kept over windows of ``stats_update_freq`` iterations and logged; with ``reinit_prompts``
+prompts never selected in a window are re-initialised. The alignment's projection (when the prompt and text widths
+differ) is owned here, so the network's state_dict keeps the official keys.
+
+Description embeddings come from ``text_embeddings`` (a file written by ``python -m
+datprl_arch.tools.encode_descriptions``) or, as in the official option file, from ``text_description_paths`` (one
+descriptions JSON per training source, in source order) encoded at start-up with the local CLIP RN50 weights of
+``clip_weights`` (or ``text_encoder: hash``, the deterministic stand-in). Without either, the constraint is disabled
+with a warning, as the official configuration describes.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import torch
+from basicsr.utils import get_root_logger
+from torch import nn
+
+from ..losses import (DATPRLBalanceLoss, DATPRLDiversityLoss, DATPRLDomainAlignmentLoss, DATPRLSupConLoss,
+                      DescriptionEmbeddings, PromptUsageTracker, TextSpaceProjection, reinitialise_prompts)
+
+OBJECTIVE_KEYS = (
+    'use_clip_constraint', 'clip_model', 'clip_weights', 'text_encoder', 'clip_alignment_weight',
+    'text_description_paths', 'text_embeddings', 'alignment_mode', 'alignment_temperature', 'alignment_target',
+    'prompt_diversity_weight', 'diversity_temperature', 'prompt_balance_weight', 'balance_mode',
+    'stats_update_freq', 'reinit_prompts', 'prompt_contrastive_weight', 'contrastive_temperature')
+DEFAULT_STATS_FREQ = 5000
+ALIGNMENT_TARGETS = ('domain_prompt', 'domain_query', 'prompt')
+
+
+def _pools(net: nn.Module) -> 'OrderedDict[str, nn.Module]':
+    return OrderedDict((name, getattr(net, attr)) for name, attr in
+                       (('task', 'degradation_prompt_pool'), ('domain', 'domain_prompt_pool')) if hasattr(net, attr))
+
+
+def _train_source_names(opt: dict) -> list[str]:
+    train = opt.get('datasets', {}).get('train', {})
+    return [str(s.get('name', i)) for i, s in enumerate(train.get('datasets') or [])]
+
+
+class PromptObjectives(nn.Module):
+    """Prompt-pool losses and usage statistics of one training run (see the module docstring)."""
+
+    def __init__(self, train_opt: dict, opt: dict, net: nn.Module):
+        super().__init__()
+        logger = get_root_logger()
+        self.pools = list(_pools(net))
+        weights = {key: float(train_opt.get(key) or 0) for key in
+                   ('prompt_diversity_weight', 'prompt_balance_weight', 'prompt_contrastive_weight')}
+        if not self.pools and (any(weights.values()) or train_opt.get('use_clip_constraint')):
+            raise ValueError(f'{type(net).__name__} has no prompt pools; prompt-pool losses need a DATPRL network')
+        self.diversity = (DATPRLDiversityLoss(weights['prompt_diversity_weight'],
+                                              float(train_opt.get('diversity_temperature', 0.1)))
+                          if weights['prompt_diversity_weight'] else None)
+        self.balance = (DATPRLBalanceLoss(weights['prompt_balance_weight'], train_opt.get('balance_mode', 'square'))
+                        if weights['prompt_balance_weight'] else None)
+        self.contrastive = (DATPRLSupConLoss(weights['prompt_contrastive_weight'],
+                                             float(train_opt.get('contrastive_temperature', 0.1)))
+                            if weights['prompt_contrastive_weight'] else None)
+        self.tracker = (PromptUsageTracker({name: _pools(net)[name].prompt_keys.shape[0] for name in self.pools},
+                                           int(train_opt.get('stats_update_freq', DEFAULT_STATS_FREQ)))
+                        if self.pools else None)
+        self.reinit = bool(train_opt.get('reinit_prompts'))
+        self.alignment, self.projection, self.texts = None, None, None
+        if train_opt.get('use_clip_constraint'):
+            self.texts = self._description_embeddings(train_opt, opt)
+            if self.texts is not None:
+                self._setup_alignment(train_opt, net)
+        if self.alignment is None and self.texts is None and train_opt.get('use_clip_constraint'):
+            logger.warning('use_clip_constraint: no description embeddings available; the domain-prior alignment '
+                           'is disabled (set text_embeddings, or clip_weights with text_description_paths).')
+
+    # ------------------------------------------------------------ setup
+    @staticmethod
+    def _description_embeddings(train_opt: dict, opt: dict) -> Optional[DescriptionEmbeddings]:
+        if train_opt.get('text_embeddings'):
+            return DescriptionEmbeddings.load(train_opt['text_embeddings'])
+        paths = train_opt.get('text_description_paths') or []
+        if not paths:
+            return None
+        from ..tools.encode_descriptions import clip_encoder, encode_files, hash_encoder
+        sources = _train_source_names(opt)
+        if len(sources) != len(paths):
+            raise ValueError(f'train.text_description_paths lists {len(paths)} files for {len(sources)} training '
+                             'sources; give one descriptions JSON per source, in the order of datasets.train.datasets')
+        if train_opt.get('text_encoder') == 'hash':
+            encoder, name = hash_encoder(), 'hash'
+        elif train_opt.get('clip_weights'):
+            encoder = clip_encoder(train_opt['clip_weights'], 'cpu')
+            name = f"open_clip:{train_opt.get('clip_model', 'RN50')}:{train_opt['clip_weights']}"
+        else:
+            return None
+        get_root_logger().info(f'Encoding {len(paths)} description files with {name}')
+        return encode_files(list(zip(sources, paths)), encoder, name)
+
+    def _setup_alignment(self, train_opt: dict, net: nn.Module) -> None:
+        target = train_opt.get('alignment_target', 'domain_prompt' if 'domain' in self.pools else 'prompt')
+        if target not in ALIGNMENT_TARGETS:
+            raise ValueError(f"train.alignment_target must be one of {ALIGNMENT_TARGETS}, got '{target}'")
+        if target.startswith('domain') and 'domain' not in self.pools:
+            raise ValueError(f"alignment_target '{target}' needs a domain pool; {type(net).__name__} has only the "
+                             "task pool: use alignment_target: prompt")
+        self.alignment_target = target
+        width = self._representation_width(net, target)
+        if width != self.texts.dim:
+            self.projection = TextSpaceProjection(width, self.texts.dim)
+        self.alignment = DATPRLDomainAlignmentLoss(float(train_opt.get('clip_alignment_weight', 1.0)),
+                                                   train_opt.get('alignment_mode', 'cosine'),
+                                                   float(train_opt.get('alignment_temperature', 0.07)))
+
+    @staticmethod
+    def _representation_width(net: nn.Module, target: str) -> int:
+        if target == 'prompt':
+            return net.prompt_width
+        return net.domain_prompt_pool.prompt_keys.shape[1]
+
+    # ------------------------------------------------------------ per step
+    def forward(self, net: nn.Module, labels: dict, gt_paths: Sequence[str],
+                source_names: Optional[Sequence[str]] = None) -> 'OrderedDict[str, torch.Tensor]':
+        """Weighted prompt-pool terms of the batch the network just processed."""
+        terms = OrderedDict()
+        state = getattr(net, 'prompt_state', None)
+        if state is None:
+            return terms
+        pools = _pools(net)
+        outputs = {'task': state.task, 'domain': state.domain}
+        if self.tracker is not None and torch.is_grad_enabled():
+            for name in self.pools:
+                self.tracker.update(name, outputs[name].indices)
+        if self.diversity is not None:
+            terms['l_div'] = self.diversity(*pools.values())
+        if self.balance is not None:
+            terms['l_bal'] = self.balance(*(outputs[name] for name in self.pools))
+        if self.contrastive is not None:
+            for name, query, label in (('l_con', state.task_query, 'task'),
+                                       ('l_con_dom', state.domain_query, 'domain')):
+                if query is None:
+                    continue
+                if label not in labels:
+                    raise ValueError(f'prompt_contrastive_weight needs {label} labels in the batch; use the '
+                                     'multi-domain dataset (DATPRLMultiDomainDataset) for training')
+                terms[name] = self.contrastive(query, labels[label])
+        if self.alignment is not None:
+            representation = {'domain_prompt': state.domain.prompt if state.domain else None,
+                              'domain_query': state.domain_query, 'prompt': state.prompt}[self.alignment_target]
+            text = self.texts.lookup(gt_paths, source_names, device=representation.device)
+            terms['l_align'] = self.alignment(representation, text, self.projection)
+        return terms
+
+    def end_step(self, net: nn.Module, current_iter: int, optimizer: Optional[torch.optim.Optimizer]) -> dict:
+        """Every ``stats_update_freq`` iterations: log the window's hard usage, re-initialise unused prompts if
+        asked; returns values for BasicSR's message logger (fraction of prompts used per pool)."""
+        usage = self.tracker.step(current_iter) if self.tracker is not None else None
+        if not usage:
+            return {}
+        logger, pools, logs = get_root_logger(), _pools(net), {}
+        for name, pool_usage in usage.items():
+            logger.info(f'Prompt usage, {name} pool, iters {current_iter - self.tracker.update_freq + 1}-'
+                        f'{current_iter}: {pool_usage.summary()}')
+            logs[f'used_{name}'] = float((pool_usage.counts > 0).float().mean())
+            if self.reinit and pool_usage.unused:
+                reinitialise_prompts(pools[name], pool_usage.unused, optimizer)
+                logger.info(f'Re-initialised {name} prompts {pool_usage.unused}')
+        return logs
+
+    def stats_state(self) -> dict:
+        """Usage counters of the current window (for training states)."""
+        return {name: counts.cpu() for name, counts in self.tracker.counts.items()} if self.tracker else {}
+
+    def load_stats_state(self, counts: dict) -> None:
+        if self.tracker is not None:
+            self.tracker.counts = {name: counts.get(name, c) for name, c in self.tracker.counts.items()}
