@@ -1,5 +1,5 @@
 # Two commands on a fresh clone (Python 3.11; torch is pinned):
-#   make demo   install once, then train the smoke demo on tiny generated data
+#   make demo   install once, build MD-Mini, train DATPRL on its 9 tasks (CPU: a few minutes), test it
 #   make test   install once, then run the test suite
 # Installation is stamped in $(VENV)/.installed and reruns only when setup.py or requirements/ change.
 PYTHON ?= python3.11
@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-SMOKE_DATA := build/smoke
+MD_MINI := datasets/md_mini
 
 .PHONY: install demo test clean
 
@@ -23,14 +23,19 @@ $(STAMP): setup.py $(wildcard requirements/*.txt)
 	$(PIP) install --no-build-isolation --no-deps -e .
 	touch $@
 
-$(SMOKE_DATA): $(STAMP) scripts/make_smoke_data.py
-	$(PY) scripts/make_smoke_data.py --out $(SMOKE_DATA)
+$(MD_MINI)/manifest.json: $(STAMP)
+	$(PY) -m datprl_arch.data.mini --out $(MD_MINI)
 
-demo: $(STAMP) $(SMOKE_DATA)
-	$(PY) -m datprl_arch.train -opt options/demo/smoke.yml
+# template descriptions encoded by the deterministic stand-in encoder (docs/method.md: CLIP RN50 for real training)
+$(MD_MINI)/texts.pt: $(MD_MINI)/manifest.json
+	$(PY) -m datprl_arch.tools.encode_descriptions $(MD_MINI)/*/descriptions.json --out $@ --encoder hash --overwrite
+
+demo: $(MD_MINI)/texts.pt
+	$(PY) -m datprl_arch.train -opt options/demo/md_mini_train.yml --auto_resume
+	$(PY) -m datprl_arch.test -opt options/demo/md_mini_test.yml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(SMOKE_DATA) experiments/datprl_smoke*
+	rm -rf $(MD_MINI) experiments/datprl_md_mini* results/datprl_md_mini_test*

@@ -89,6 +89,7 @@ def test_validation_report_averages_all_sets_and_domains(tmp_path):
     assert written['100']['average']['psnr'] == pytest.approx(32.0)
     assert written['100']['domains']['medical'] == {'psnr': 40.0, 'ssim': 0.95}
     assert list(written['100']['sets']) == ['rain', 'sr', 'ct']
+    assert written['100']['sets']['ct'] == {'domain': 'medical', 'task': 'ct', 'psnr': 40.0, 'ssim': 0.95}
 
 
 def test_nmi_and_projection():

@@ -283,7 +283,7 @@ class DATPRLModel(SRModel):
             for name, value in self.metric_results.items():
                 self._update_best_metric_result(dataset_name, name, value, current_iter)
             self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
-        summary = self._report().add(current_iter, dataset_name, domain or 'all', self.metric_results)
+        summary = self._report().add(current_iter, dataset_name, domain or 'all', self.metric_results, task)
         if summary is None:
             return
         logger = get_root_logger()

@@ -46,13 +46,14 @@ class ValidationReport:
         self.pending: dict = OrderedDict()
         self.last_average: dict = {}
 
-    def add(self, current_iter, set_name: str, domain: str, metrics: dict) -> Optional[str]:
-        """Record one set; returns the round summary (a log message) when it was the round's last set."""
-        self.pending[set_name] = {'domain': domain, **metrics}
+    def add(self, current_iter, set_name: str, domain: str, metrics: dict, task: Optional[str] = None) -> Optional[str]:
+        """Record one set (with its domain and task); returns the round summary (a log message) when it was the
+        round's last set."""
+        self.pending[set_name] = {'domain': domain, 'task': task or set_name, **metrics}
         if len(self.pending) < self.num_sets:
             return None
         sets, self.pending = self.pending, OrderedDict()
-        rows = [{k: v for k, v in r.items() if k != 'domain'} for r in sets.values()]
+        rows = [{k: v for k, v in r.items() if k not in ('domain', 'task')} for r in sets.values()]
         by_domain = defaultdict(list)
         for row, record in zip(rows, sets.values()):
             by_domain[record['domain']].append(row)
