@@ -1,11 +1,12 @@
 """Benchmark of the DATPRL networks: ``python -m datprl_arch.bench [--device cuda --amp bf16]``.
 
-Prints two tables:
+Prints up to three tables:
 
 1. for the 6-task, CDD11 and prompt-free configurations: parameters, GFLOPs, eval time (1x3x256x256), train step
    time (forward + backward, 4x3x128x128) and peak memory, for our network and for the literal implementation of
    the official computation (``literal=True``) at the same weights;
-2. the speed-up over the official computation at the sizes of the method spec (eval 1x3x128x128, train 2x3x64x64).
+2. the speed-up over the official computation at the sizes of the method spec (eval 1x3x128x128, train 2x3x64x64);
+3. with ``--data``: training-loader throughput on MD-Mini (disk PNG vs LMDB, 0/1/2 workers; built if missing).
 
 Each configuration runs in a fresh process (so peak memory is per configuration), with ``--threads`` CPU threads.
 Timings are medians over ``--repeats`` runs after ``--warmup`` runs.
@@ -132,10 +133,20 @@ def main(argv=None) -> None:
     parser.add_argument('--channels-last', action='store_true', help='run in the channels_last memory format')
     parser.add_argument('--compile', action='store_true', help='net.compile() (slow first call; not on CPU CI)')
     parser.add_argument('--skip-speedup', action='store_true', help='skip the official-vs-ours table at spec sizes')
+    parser.add_argument('--data', action='store_true', help='also measure data loading on MD-Mini')
+    parser.add_argument('--data-root', default='datasets/md_mini', help='MD-Mini folder for --data')
+    parser.add_argument('--skip-networks', action='store_true', help='skip the network tables')
     args = parser.parse_args(argv)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is visible')
 
+    if args.data:
+        from .data import mini, throughput
+        mini.build(args.data_root)
+        print('data loading on MD-Mini: samples/s at 128x128 crops', flush=True)
+        print(throughput.table(throughput.measure(args.data_root)) + '\n', flush=True)
+    if args.skip_networks:
+        return
     eval_shape = (1, 3, args.eval_size, args.eval_size)
     train_shape = (args.train_batch, 3, args.train_size, args.train_size)
     print(f'device {args.device}, amp {args.amp}, threads {args.threads}, torch {torch.__version__}, '
