@@ -12,10 +12,16 @@ the one it replaced as ``.basicsr_original``. Problem numbers refer to docs/comp
   ``lmdb`` backend shares one environment per (process, LMDB).
 - P19 and option safety: ``parse_options`` of ``basicsr.train`` / ``basicsr.test`` reads option files with a safe
   loader and checks ``num_gpu`` and ``use_tb_logger`` against the machine (``datprl_arch.options``).
+- P12 distributed training assumes CUDA: ``init_dist`` (as ``parse_options`` calls it) picks nccl or gloo and works
+  on CPU for torchrun and slurm; ``BaseModel.model_to_device`` wraps CPU networks in DDP without ``device_ids``.
+- P20 the epoch count ignores ``drop_last``, so runs end before ``total_iter``: epochs are counted from the batches
+  an epoch really has, and a dataset too small for one batch per rank is an error.
 """
 from __future__ import annotations
 
+import math
 import os
+import subprocess
 import sys
 import warnings
 
@@ -43,13 +49,16 @@ def _alias_scipy_ndimage_filters() -> None:
         sys.modules['scipy.ndimage.filters'] = scipy.ndimage
 
 
-def _install(namespace: dict, name: str, new) -> None:
-    """``namespace[name] = new`` (a module's ``vars()`` or a dict); idempotent.
+def _install(namespace, name: str, new) -> None:
+    """``namespace[name] = new`` (a module's ``vars()`` or a dict), or ``setattr`` on a class; idempotent.
 
     The basicsr object replaced first is kept as ``new.basicsr_original``."""
-    current = namespace[name]
+    current = vars(namespace)[name] if isinstance(namespace, type) else namespace[name]
     new.basicsr_original = getattr(current, 'basicsr_original', current)
-    namespace[name] = new
+    if isinstance(namespace, type):
+        setattr(namespace, name, new)
+    else:
+        namespace[name] = new
 
 
 def _basicsr_is_supported() -> bool:
@@ -183,6 +192,186 @@ def _patch_option_parsing() -> None:
     _install(vars(basicsr.test), 'parse_options', options.parse_options)
 
 
+# P12: distributed training on CUDA (nccl) and on the CPU (gloo) --------------------------------------------------
+
+#: What torchrun (``--launcher pytorch``) exports for the ``env://`` rendezvous.
+TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
+#: What srun exports to every task (``--launcher slurm``).
+SLURM_ENV = ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST')
+#: torch.distributed's default rendezvous port, as in basicsr.
+DEFAULT_MASTER_PORT = 29500
+
+
+def dist_backend(requested: str | None = None) -> str:
+    """The process-group backend: ``requested`` (``dist_params.backend``) when this machine can run it, otherwise
+    ``nccl`` where CUDA (with NCCL) is available and ``gloo`` where it is not. A known backend that cannot run here
+    (``nccl`` on a CPU machine, ``mpi`` without an MPI build) is replaced, with a ``RuntimeWarning``; other names
+    (``cpu:gloo,cuda:nccl``, registered third-party backends) go to ``torch.distributed`` unchanged."""
+    import torch
+    from torch import distributed as dist
+
+    cuda = torch.cuda.is_available() and dist.is_nccl_available()
+    fallback = 'nccl' if cuda else 'gloo'
+    if requested is None:
+        return fallback
+    name = str(requested).lower()
+    usable = {'nccl': lambda: cuda, 'gloo': dist.is_gloo_available, 'mpi': dist.is_mpi_available,
+              'ucc': dist.is_ucc_available}
+    if name in usable and not usable[name]():
+        why = 'no CUDA device' if name == 'nccl' and not torch.cuda.is_available() else 'not built into this torch'
+        warnings.warn(f'dist_params.backend: {requested!r} cannot run on this machine ({why}); using {fallback!r}.',
+                      RuntimeWarning, stacklevel=2)
+        return fallback
+    return name
+
+
+def _require_env(names: tuple, launcher: str, how: str) -> None:
+    missing = [name for name in names if name not in os.environ]
+    if missing:
+        raise RuntimeError(f'--launcher {launcher}: environment variable(s) {", ".join(missing)} not set; {how}')
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list (``node[01-04]`` -> ``node01``), expanded by ``scontrol`` as basicsr does."""
+    try:
+        done = subprocess.run(['scontrol', 'show', 'hostnames', nodelist], capture_output=True, text=True,
+                              check=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise RuntimeError(f'--launcher slurm: cannot expand SLURM_NODELIST={nodelist!r} with scontrol ({err}); '
+                           'set MASTER_ADDR to the address of the first node.') from None
+    hosts = done.stdout.split()
+    if not hosts:
+        raise RuntimeError(f'--launcher slurm: scontrol listed no host for SLURM_NODELIST={nodelist!r}; set '
+                           'MASTER_ADDR to the address of the first node.')
+    return hosts[0]
+
+
+def _export_slurm_env(port: int | None) -> None:
+    """torch's ``env://`` variables from srun's: rank, world size, local rank, master address and port.
+
+    ``MASTER_ADDR`` is kept when set, else it is the first node of the allocation. The port is ``dist_params.port``,
+    else ``MASTER_PORT``, else 29500 (basicsr's order)."""
+    import torch
+
+    _require_env(SLURM_ENV, 'slurm', 'start one task per GPU (or per CPU process) with srun, e.g. '
+                 '`srun --ntasks-per-node=4 python -m datprl_arch.train -opt FILE.yml --launcher slurm`.')
+    proc_id = int(os.environ['SLURM_PROCID'])
+    if 'MASTER_ADDR' not in os.environ:
+        os.environ['MASTER_ADDR'] = _first_slurm_host(os.environ['SLURM_NODELIST'])
+    os.environ['MASTER_PORT'] = str(port if port is not None else os.environ.get('MASTER_PORT', DEFAULT_MASTER_PORT))
+    os.environ['WORLD_SIZE'] = os.environ['SLURM_NTASKS']
+    os.environ['RANK'] = str(proc_id)
+    os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', str(proc_id % max(torch.cuda.device_count(), 1)))
+
+
+def _set_cuda_device() -> None:
+    """Bind this process to GPU ``LOCAL_RANK`` (torchrun and srun export it; else ``RANK`` modulo the GPUs)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    local_rank = int(os.environ.get('LOCAL_RANK', int(os.environ['RANK']) % count))
+    if local_rank >= count:
+        raise RuntimeError(f'local rank {local_rank} has no GPU: {count} CUDA device(s) are visible '
+                           f'(CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES")!r}); start at most {count} '
+                           'processes per node (torchrun --nproc_per_node, srun --ntasks-per-node).')
+    torch.cuda.set_device(local_rank)
+
+
+def init_dist(launcher: str, backend: str | None = None, port: int | None = None, **kwargs) -> None:
+    """Replacement for ``basicsr.utils.dist_util.init_dist`` as ``parse_options`` calls it (``--launcher``).
+
+    basicsr 1.4.2 hard-wires nccl and divides by the CUDA device count (``ZeroDivisionError`` on a CPU machine).
+    Here the backend comes from ``dist_backend`` (nccl with CUDA, gloo without, or a usable
+    ``dist_params.backend``: basicsr passes ``dist_params`` only with slurm, so for torchrun it is read from the
+    ``-opt`` file); with CUDA the process is bound to GPU ``LOCAL_RANK``.
+
+    - ``pytorch``: torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``);
+      ``dist_params.port`` does not apply (use ``torchrun --master_port``).
+    - ``slurm``: srun's (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_NODELIST``, ``SLURM_LOCALID``), see
+      ``_export_slurm_env``.
+
+    ``kwargs`` go to ``torch.distributed.init_process_group``. Like basicsr, the multiprocessing start method
+    becomes ``spawn`` unless one was chosen.
+    """
+    import torch
+    import torch.multiprocessing as mp
+    from torch import distributed as dist
+
+    if launcher == 'pytorch':
+        if backend is None:
+            from .options import command_line_dist_backend
+            backend = command_line_dist_backend()
+        if 'init_method' not in kwargs:
+            _require_env(TORCHRUN_ENV, 'pytorch', 'start the processes with torchrun, e.g. '
+                         '`torchrun --nproc_per_node=2 -m datprl_arch.train -opt FILE.yml --launcher pytorch`.')
+    elif launcher == 'slurm':
+        _export_slurm_env(port)
+    else:
+        raise ValueError(f"--launcher {launcher!r}: expected 'pytorch' (torchrun) or 'slurm' (srun).")
+    backend = dist_backend(backend)
+    if torch.cuda.is_available():
+        _set_cuda_device()
+    if mp.get_start_method(allow_none=True) is None:
+        mp.set_start_method('spawn')
+    dist.init_process_group(backend=backend, **kwargs)
+
+
+def model_to_device(self, net):
+    """Replacement for ``BaseModel.model_to_device``: the network on ``self.device``, wrapped in
+    ``DistributedDataParallel`` when training is distributed, in ``DataParallel`` for ``num_gpu > 1`` without.
+
+    basicsr 1.4.2 gives DDP ``device_ids=[torch.cuda.current_device()]``, which fails without CUDA; a CPU network
+    gets ``device_ids=None``. ``find_unused_parameters`` is the option file's top-level key (default false): set it
+    when some parameters get no gradient in a step."""
+    import torch
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    net = net.to(self.device)
+    if self.opt['dist']:
+        device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
+        return DistributedDataParallel(net, device_ids=device_ids,
+                                       find_unused_parameters=bool(self.opt.get('find_unused_parameters', False)))
+    if self.opt['num_gpu'] > 1:
+        return DataParallel(net)
+    return net
+
+
+def _patch_distributed() -> None:
+    from basicsr.models.base_model import BaseModel
+    from basicsr.utils import options as basicsr_options
+    _install(vars(basicsr_options), 'init_dist', init_dist)
+    _install(BaseModel, 'model_to_device', model_to_device)
+
+
+# P20: epochs counted from real batches ---------------------------------------------------------------------------
+
+def create_train_val_dataloader(opt: dict, logger):
+    """Replacement for ``basicsr.train.create_train_val_dataloader`` (same returns): basicsr counts an epoch as
+    ``ceil(len * enlarge_ratio / (batch * world_size))`` batches, but its loader drops the last partial batch of each
+    rank's shard, so small datasets and many ranks stop training before ``total_iter``. The epoch count is raised to
+    what the loader really yields; a rank shard smaller than one batch is an error naming the options to change."""
+    original = create_train_val_dataloader.basicsr_original
+    train_loader, train_sampler, val_loaders, total_epochs, total_iters = original(opt, logger)
+    per_epoch = len(train_loader)
+    train_opt = opt['datasets']['train']
+    if per_epoch == 0:
+        raise ValueError(
+            f"datasets.train: each of the {opt['world_size']} rank(s) gets {len(train_sampler)} sample(s) per epoch, "
+            f"fewer than batch_size_per_gpu: {train_opt['batch_size_per_gpu']}, so no batch would ever be drawn. "
+            'Raise dataset_enlarge_ratio (or the sources\' augment_factor) or lower batch_size_per_gpu.')
+    needed = math.ceil(total_iters / per_epoch)
+    if needed > total_epochs:
+        logger.info(f'An epoch has {per_epoch} full batch(es) per rank (the last partial one is dropped): '
+                    f'total epochs raised from {total_epochs} to {needed} so training reaches iter {total_iters}.')
+        total_epochs = needed
+    return train_loader, train_sampler, val_loaders, total_epochs, total_iters
+
+
+def _patch_epoch_count() -> None:
+    import basicsr.train
+    _install(vars(basicsr.train), 'create_train_val_dataloader', create_train_val_dataloader)
+
+
 def apply() -> None:
     """Apply every fix (idempotent)."""
     _alias_functional_tensor()
@@ -192,6 +381,8 @@ def apply() -> None:
     _patch_resume()
     _patch_lmdb_backend()
     _patch_option_parsing()
+    _patch_distributed()
+    _patch_epoch_count()
 
 
 apply()

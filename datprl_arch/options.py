@@ -93,6 +93,21 @@ def _option_file_argument() -> str | None:
     return parser.parse_known_args()[0].opt
 
 
+def command_line_dist_backend() -> str | None:
+    """``dist_params.backend`` of the ``-opt`` file on the command line, or None (no file, no such key).
+
+    basicsr's ``parse_options`` hands ``dist_params`` to ``init_dist`` only for ``--launcher slurm``; the
+    replacement ``init_dist`` asks here so that torchrun runs honour it too."""
+    path = _option_file_argument()
+    if path is None or not os.path.isfile(path):
+        return None
+    dist_params = load_option_file(path).get('dist_params') or {}
+    if not isinstance(dist_params, dict):
+        raise OptionFileError(f'{path}: dist_params must be a mapping (backend: ..., port: ...), '
+                              f'found {dist_params!r}.')
+    return dist_params.get('backend')
+
+
 def _check_exists(path: str | None) -> None:
     if path is not None and not os.path.isfile(path):
         what = 'is a directory' if os.path.isdir(path) else 'does not exist'

@@ -215,20 +215,203 @@ def test_p4_missing_lmdb_is_named(tmp_path):
         FileClient('lmdb', db_paths=[missing], client_keys=['gt'])
 
 
+# P12: distributed training without CUDA (the two-process runs are in test_distributed.py) -----------------------------
+
+TORCHRUN_VARIABLES = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
+SLURM_VARIABLES = ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST', 'SLURM_LOCALID')
+
+
+@pytest.fixture
+def clean_dist_env(monkeypatch):
+    """No launcher variables and no ``-opt`` on the command line; whatever a test exports is undone afterwards."""
+    for name in TORCHRUN_VARIABLES + SLURM_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, 'argv', ['train.py'])
+    return monkeypatch
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='basicsr divides by the CUDA device count, non-zero here')
+def test_p12_basicsr_pytorch_launcher_divides_by_the_gpu_count(clean_dist_env):
+    from basicsr.utils.dist_util import _init_dist_pytorch
+    clean_dist_env.setenv('RANK', '0')
+    with pytest.raises(ZeroDivisionError):
+        _init_dist_pytorch('nccl')
+    assert basicsr_options.init_dist is _compat.init_dist
+    assert _compat.init_dist.basicsr_original.__module__ == 'basicsr.utils.dist_util'
+
+
+def test_p12_backend_is_nccl_with_cuda_gloo_without_or_a_usable_request(monkeypatch):
+    from torch import distributed as dist
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert _compat.dist_backend() == 'gloo'
+    assert _compat.dist_backend('GLOO') == 'gloo'
+    assert _compat.dist_backend('cpu:gloo') == 'cpu:gloo'  # device maps go to torch unchanged
+    with pytest.warns(RuntimeWarning, match=re.escape("dist_params.backend: 'nccl' cannot run on this machine "
+                                                      "(no CUDA device); using 'gloo'.")):
+        assert _compat.dist_backend('nccl') == 'gloo'
+    monkeypatch.setattr(dist, 'is_mpi_available', lambda: False)
+    with pytest.warns(RuntimeWarning, match="'mpi' cannot run on this machine .not built into this torch.; using"):
+        assert _compat.dist_backend('mpi') == 'gloo'
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(dist, 'is_nccl_available', lambda: True)
+    assert _compat.dist_backend() == 'nccl' and _compat.dist_backend('gloo') == 'gloo'
+
+
+def test_p12_launchers_outside_torchrun_or_srun_say_what_is_missing(clean_dist_env):
+    with pytest.raises(RuntimeError, match=re.escape(
+            '--launcher pytorch: environment variable(s) RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set; start '
+            'the processes with torchrun, e.g. `torchrun --nproc_per_node=2 -m datprl_arch.train')):
+        _compat.init_dist('pytorch')
+    clean_dist_env.setenv('SLURM_PROCID', '0')
+    with pytest.raises(RuntimeError, match=re.escape('--launcher slurm: environment variable(s) SLURM_NTASKS, '
+                                                     'SLURM_NODELIST not set; start one task per GPU')):
+        _compat.init_dist('slurm')
+    with pytest.raises(ValueError, match="--launcher 'mpirun': expected 'pytorch' .torchrun. or 'slurm' .srun.."):
+        _compat.init_dist('mpirun')
+
+
+def test_p12_slurm_variables_become_torch_variables(clean_dist_env, tmp_path):
+    clean_dist_env.setenv('PATH', str(tmp_path))  # no scontrol
+    for name, value in dict(SLURM_PROCID='5', SLURM_NTASKS='8', SLURM_NODELIST='gpu[1-2]', SLURM_LOCALID='1',
+                            MASTER_ADDR='10.0.0.7', MASTER_PORT='4321').items():
+        clean_dist_env.setenv(name, value)
+    _compat._export_slurm_env(port=None)
+    assert {k: os.environ[k] for k in TORCHRUN_VARIABLES} == dict(
+        RANK='5', WORLD_SIZE='8', LOCAL_RANK='1', MASTER_ADDR='10.0.0.7', MASTER_PORT='4321')
+    _compat._export_slurm_env(port=29600)  # dist_params.port wins over MASTER_PORT
+    assert os.environ['MASTER_PORT'] == '29600'
+    clean_dist_env.delenv('MASTER_ADDR')
+    with pytest.raises(RuntimeError, match=re.escape("cannot expand SLURM_NODELIST='gpu[1-2]' with scontrol")):
+        _compat._export_slurm_env(port=None)
+
+
+def test_p12_each_process_takes_the_gpu_of_its_local_rank(clean_dist_env):
+    chosen = []
+    clean_dist_env.setattr(torch.cuda, 'device_count', lambda: 2)
+    clean_dist_env.setattr(torch.cuda, 'set_device', chosen.append)
+    clean_dist_env.setenv('RANK', '5')
+    _compat._set_cuda_device()  # no LOCAL_RANK: RANK modulo the GPUs, as basicsr does
+    clean_dist_env.setenv('LOCAL_RANK', '0')
+    _compat._set_cuda_device()
+    assert chosen == [1, 0]
+    clean_dist_env.setenv('LOCAL_RANK', '2')
+    clean_dist_env.setenv('CUDA_VISIBLE_DEVICES', '0,1')
+    with pytest.raises(RuntimeError, match=re.escape("local rank 2 has no GPU: 2 CUDA device(s) are visible "
+                                                     "(CUDA_VISIBLE_DEVICES='0,1'); start at most 2 processes")):
+        _compat._set_cuda_device()
+
+
+def test_p12_torchrun_runs_read_dist_params_backend_from_the_option_file(clean_dist_env, tmp_path):
+    assert options.command_line_dist_backend() is None
+    opt_file = tmp_path / 'x.yml'
+    opt_file.write_text('name: x\ndist_params:\n  backend: gloo\n  port: 29500\n')
+    clean_dist_env.setattr(sys, 'argv', ['train.py', '-opt', str(opt_file), '--launcher', 'pytorch'])
+    assert options.command_line_dist_backend() == 'gloo'
+    opt_file.write_text('name: x\n')
+    assert options.command_line_dist_backend() is None
+    opt_file.write_text('name: x\ndist_params: nccl\n')
+    with pytest.raises(options.OptionFileError, match="x.yml: dist_params must be a mapping .backend: ..., port: "
+                                                      "...., found 'nccl'."):
+        options.command_line_dist_backend()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='basicsr gives DDP the current CUDA device, which exists here')
+def test_p12_cpu_network_is_wrapped_in_ddp_without_device_ids(tmp_path):
+    from types import SimpleNamespace
+    from basicsr.models.base_model import BaseModel
+    from torch import distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = SimpleNamespace(opt={'dist': True, 'num_gpu': 0, 'find_unused_parameters': True},
+                            device=torch.device('cpu'))
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    try:
+        with pytest.raises((AssertionError, RuntimeError)):
+            BaseModel.model_to_device.basicsr_original(model, torch.nn.Linear(2, 2))
+        net = BaseModel.model_to_device(model, torch.nn.Linear(2, 2))
+        assert isinstance(net, DistributedDataParallel) and net.device_ids is None and net.find_unused_parameters
+        net(torch.ones(3, 2)).sum().backward()
+        assert net.module.weight.grad.shape == (2, 2)
+        model.opt['find_unused_parameters'] = False
+        assert not BaseModel.model_to_device(model, torch.nn.Linear(2, 2)).find_unused_parameters
+    finally:
+        dist.destroy_process_group()
+    model.opt['dist'] = False
+    plain = torch.nn.Linear(2, 2)
+    assert BaseModel.model_to_device(model, plain) is plain
+
+
+# P20: the epoch count -------------------------------------------------------------------------------------------------
+
+class ListLogger:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, message):
+        self.lines.append(message)
+
+
+def epoch_opt(root, count, world_size=2, total_iter=8):
+    gt, lq = write_png_pairs(str(root), count=count, size=16)
+    train = dict(name='pairs', type='PairedImageDataset', phase='train', scale=1, dataroot_gt=gt, dataroot_lq=lq,
+                 io_backend={'type': 'disk'}, gt_size=16, use_hflip=False, use_rot=False, batch_size_per_gpu=2,
+                 num_worker_per_gpu=0, dataset_enlarge_ratio=1)
+    return dict(datasets={'train': train}, world_size=world_size, rank=0, num_gpu=0, dist=True, manual_seed=0,
+                train={'total_iter': total_iter})
+
+
+def iterations(loader, total_epochs):
+    """Iterations ``train_pipeline`` reaches: it runs epochs ``0 .. total_epochs``."""
+    return (total_epochs + 1) * len(loader)
+
+
+def test_p20_epochs_are_counted_from_the_batches_each_rank_really_gets(tmp_path):
+    opt = epoch_opt(tmp_path / 'five', count=5)  # 2 ranks: 3 samples each, 1 full batch of 2; basicsr counts 2
+    loader, _, _, total_epochs, total_iters = basicsr.train.create_train_val_dataloader.basicsr_original(
+        opt, ListLogger())
+    assert (total_epochs, total_iters, len(loader)) == (4, 8, 1) and iterations(loader, total_epochs) == 5
+
+    logger = ListLogger()
+    loader, _, _, total_epochs, _ = basicsr.train.create_train_val_dataloader(opt, logger)
+    assert total_epochs == 8 and iterations(loader, total_epochs) >= 8
+    assert logger.lines[-1] == ('An epoch has 1 full batch(es) per rank (the last partial one is dropped): total '
+                                'epochs raised from 4 to 8 so training reaches iter 8.')
+
+    opt = epoch_opt(tmp_path / 'eight', count=8)  # counted right: unchanged
+    assert basicsr.train.create_train_val_dataloader(opt, logger)[3] == 4
+
+
+def test_p20_a_rank_shard_smaller_than_one_batch_is_an_error(tmp_path):
+    opt = epoch_opt(tmp_path / 'two', count=2)
+    with pytest.raises(ValueError, match=re.escape(
+            'datasets.train: each of the 2 rank(s) gets 1 sample(s) per epoch, fewer than batch_size_per_gpu: 2, '
+            'so no batch would ever be drawn. Raise dataset_enlarge_ratio')):
+        basicsr.train.create_train_val_dataloader(opt, ListLogger())
+
+
 # Installation, idempotency, version guard, logger ------------------------------------------------------------------
 
+def installed():
+    from basicsr.models.base_model import BaseModel
+    return (basicsr.train.load_resume_state, basicsr.train.parse_options, basicsr.test.parse_options,
+            basicsr_options.ordered_yaml, FileClient._backends['lmdb'], basicsr_options.init_dist,
+            BaseModel.model_to_device, basicsr.train.create_train_val_dataloader)
+
+
 def test_patches_are_idempotent_and_keep_basicsr_originals():
-    before = (basicsr.train.load_resume_state, basicsr.train.parse_options, basicsr.test.parse_options,
-              basicsr_options.ordered_yaml, FileClient._backends['lmdb'])
+    before = installed()
     _compat.apply()
     _compat.apply()
-    assert (basicsr.train.load_resume_state, basicsr.train.parse_options, basicsr.test.parse_options,
-            basicsr_options.ordered_yaml, FileClient._backends['lmdb']) == before
+    assert installed() == before
     assert before == (_compat.load_resume_state, options.parse_options, options.parse_options,
-                      options.ordered_yaml, _compat.SharedLmdbBackend)
+                      options.ordered_yaml, _compat.SharedLmdbBackend, _compat.init_dist, _compat.model_to_device,
+                      _compat.create_train_val_dataloader)
     assert options.parse_options.basicsr_original is basicsr_options.parse_options
     assert options.ordered_yaml.basicsr_original.__module__ == 'basicsr.utils.options'
     assert _compat.load_resume_state.basicsr_original.__module__ == 'basicsr.train'
+    assert _compat.init_dist.basicsr_original.__module__ == 'basicsr.utils.dist_util'
+    assert _compat.model_to_device.basicsr_original.__qualname__ == 'BaseModel.model_to_device'
+    assert _compat.create_train_val_dataloader.basicsr_original.__module__ == 'basicsr.train'
 
 
 def test_patches_skip_other_basicsr_versions(monkeypatch):
