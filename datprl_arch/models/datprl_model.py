@@ -76,6 +76,9 @@ class DATPRLModel(SRModel):
         check_train_keys(train_opt)
         logger = get_root_logger()
         self.objectives = PromptObjectives(train_opt, self.opt, self.get_bare_model(self.net_g)).to(self.device)
+        if self.opt['dist']:  # the alignment head lives outside DDP: start every rank from rank 0's values
+            for param in self.objectives.parameters():
+                dist.broadcast(param.data, src=0)
         self.cri_fft = build_loss(dict(train_opt['fft_opt'])).to(self.device) if train_opt.get('fft_opt') else None
         self.grad_clip = train_opt.get('grad_clip')
         self.max_nonfinite = int(train_opt.get('max_nonfinite_steps', DEFAULT_MAX_NONFINITE))
@@ -152,6 +155,7 @@ class DATPRLModel(SRModel):
         else:
             self.nonfinite_steps = 0
             self.scaler.scale(sum(losses.values())).backward()
+            self._average_objective_gradients()
             if self.grad_clip:
                 self.scaler.unscale_(self.optimizer_g)
                 params = [p for group in self.optimizer_g.param_groups for p in group['params']]
@@ -162,6 +166,25 @@ class DATPRLModel(SRModel):
                 self.model_ema(decay=self.ema_decay)
         self.log_dict = self.reduce_loss_dict(OrderedDict((k, v.detach()) for k, v in losses.items()))
         self.log_dict.update(self.objectives.end_step(self.get_bare_model(self.net_g), current_iter, self.optimizer_g))
+
+    def _average_objective_gradients(self) -> None:
+        """DDP averages the network's gradients; the model-owned alignment head needs the same by hand."""
+        if not self.opt['dist']:
+            return
+        for param in self.objectives.parameters():
+            if param.grad is not None:
+                dist.all_reduce(param.grad)
+                param.grad /= self.opt['world_size']
+
+    def test(self):
+        """Restore ``self.lq`` with the EMA network if any, else the bare network (never through the DDP wrapper,
+        since only rank 0 validates)."""
+        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.get_bare_model(self.net_g)
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            self.output = net(self.lq)
+        net.train(was_training)
 
     def _skip_step(self, losses, current_iter):
         self.nonfinite_steps += 1
