@@ -16,9 +16,11 @@ the one it replaced as ``.basicsr_original``. Problem numbers refer to docs/comp
   on CPU for torchrun and slurm; ``BaseModel.model_to_device`` wraps CPU networks in DDP without ``device_ids``.
 - P20 the epoch count ignores ``drop_last``, so runs end before ``total_iter``: epochs are counted from the batches
   an epoch really has, and a dataset too small for one batch per rank is an error.
+- P26 a resumed run restarts its epoch's data order: the sampler skips the batches used before the save.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import subprocess
@@ -105,6 +107,7 @@ def load_resume_state(opt: dict):
     opt['path']['resume_state'] = path
     state = torch.load(path, map_location='cpu', weights_only=True)
     check_resume(opt, state['iter'])
+    opt['resume_position'] = {'epoch': state['epoch'], 'iter': state['iter']}  # for the sampler (P26)
     return state
 
 
@@ -364,7 +367,40 @@ def create_train_val_dataloader(opt: dict, logger):
         logger.info(f'An epoch has {per_epoch} full batch(es) per rank (the last partial one is dropped): '
                     f'total epochs raised from {total_epochs} to {needed} so training reaches iter {total_iters}.')
         total_epochs = needed
+    _continue_epoch(opt, train_sampler, per_epoch, logger)
     return train_loader, train_sampler, val_loaders, total_epochs, total_iters
+
+
+# P26: a resumed run continues its epoch's data order -------------------------------------------------------------
+
+def _continue_epoch(opt: dict, sampler, per_epoch: int, logger) -> None:
+    """basicsr restarts a resumed epoch from its first batch, so the batches seen before the save are drawn again
+    and the rest of the epoch never is. Epoch ``e`` covers iterations ``e * per_epoch + 1 ..`` (every epoch yields
+    ``per_epoch`` batches), so the sampler skips the batches the saved iteration already consumed."""
+    position = opt.get('resume_position')
+    if not position:
+        return
+    consumed = position['iter'] - position['epoch'] * per_epoch
+    if 0 < consumed <= per_epoch:
+        sampler.resume_skip = (position['epoch'], consumed * opt['datasets']['train']['batch_size_per_gpu'])
+        logger.info(f"Resuming inside epoch {position['epoch']}: its first {consumed} batch(es) were used before "
+                    'the save and are skipped.')
+    else:
+        logger.info(f"Resume state (epoch {position['epoch']}, iter {position['iter']}) does not match "
+                    f'{per_epoch} batches per epoch (batch size or data changed?): epoch {position["epoch"]} '
+                    'starts from its first batch.')
+
+
+def _sampler_iter(self):
+    """``EnlargedSampler.__iter__`` that drops the first indices of a resumed epoch (``resume_skip``)."""
+    indices = _sampler_iter.basicsr_original(self)
+    epoch, skip = getattr(self, 'resume_skip', (None, 0))
+    return itertools.islice(indices, skip, None) if self.epoch == epoch else indices
+
+
+def _patch_sampler_resume() -> None:
+    from basicsr.data.data_sampler import EnlargedSampler
+    _install(EnlargedSampler, '__iter__', _sampler_iter)
 
 
 def _patch_epoch_count() -> None:
@@ -383,6 +419,7 @@ def apply() -> None:
     _patch_option_parsing()
     _patch_distributed()
     _patch_epoch_count()
+    _patch_sampler_resume()
 
 
 apply()

@@ -454,3 +454,32 @@ def test_install_recipe_pins_basicsr_without_tb_nightly_and_declares_setuptools(
                      '$(PIP) install --no-build-isolation --no-deps basicsr==1.4.2',
                      '$(PIP) install -r requirements/runtime.txt -r requirements/test.txt',
                      '$(PIP) install --no-build-isolation --no-deps -e .']
+
+
+def test_resumed_epoch_continues_where_the_saved_run_stopped():
+    import logging
+
+    from basicsr.data.data_sampler import EnlargedSampler
+    from datprl_arch import _compat
+
+    class Items:
+        def __len__(self):
+            return 10
+
+    sampler = EnlargedSampler(Items(), num_replicas=1, rank=0, ratio=2)
+    sampler.set_epoch(3)
+    uninterrupted = list(sampler)
+    original = list(_compat._sampler_iter.basicsr_original(sampler))
+    assert original == uninterrupted  # unpatched basicsr would replay the epoch from its first index
+
+    opt = {'resume_position': {'epoch': 3, 'iter': 3 * 5 + 2}, 'datasets': {'train': {'batch_size_per_gpu': 4}}}
+    _compat._continue_epoch(opt, sampler, per_epoch=5, logger=logging.getLogger('test'))
+    assert sampler.resume_skip == (3, 2 * 4)
+    assert list(sampler) == uninterrupted[8:]
+    sampler.set_epoch(4)
+    assert len(list(sampler)) == 20  # later epochs are whole
+
+    mismatched = {'resume_position': {'epoch': 0, 'iter': 9}, 'datasets': {'train': {'batch_size_per_gpu': 4}}}
+    fresh = EnlargedSampler(Items(), num_replicas=1, rank=0, ratio=2)
+    _compat._continue_epoch(mismatched, fresh, per_epoch=5, logger=logging.getLogger('test'))
+    assert not hasattr(fresh, 'resume_skip')

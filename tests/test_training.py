@@ -169,6 +169,7 @@ def test_killed_run_resumes_with_the_saved_state_and_finishes(tmp_path, data):
     opt['train']['total_iter'] = saved_iter + 2
     out = finish(train(tmp_path, write(tmp_path / 'short.yml', opt), '--auto_resume'))
     assert f'Resuming training from epoch: 0, iter: {saved_iter}.' in out
+    assert f'Resuming inside epoch 0: its first {saved_iter} batch(es) were used before the save' in out
     assert re.search(rf'iter:\s+{saved_iter + 1}, lr', out) and re.search(rf'iter:\s+{saved_iter + 2}, lr', out)
     assert (tmp_path / 'experiments' / 'killed' / 'models' / 'net_g_latest.pth').exists()
 
