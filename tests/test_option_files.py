@@ -293,17 +293,26 @@ def check_training_model(opt, datasets):
     assert all(np.isfinite(float(v)) for v in logged.values()), logged
 
 
+def standin_checkpoint(path_opt, state):
+    """A checkpoint of ``state`` in the format the file expects: a Lightning file for ``.ckpt``, else a BasicSR file
+    whose ``param_key_g`` entry holds ``state`` and whose other entry (a training run's ``params`` next to
+    ``params_ema``) holds different weights, so loading the wrong key is seen."""
+    if path_opt['pretrain_network_g'].endswith('.ckpt'):
+        return {'state_dict': {f'net.{k}': v for k, v in state.items()}, 'epoch': 150, 'global_step': 1}
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    return {'params': other, path_opt.get('param_key_g', 'params'): state}
+
+
 def check_test_model(opt, root):
     """The model loads a checkpoint in the file's format (param_key_g, strict) and restores the weights."""
-    net = build_network(dict(opt['network_g']))
-    checkpoint = os.path.join(str(root), 'standin_checkpoint.pth')
-    state = net.state_dict()
-    torch.save({'params': state, 'params_ema': state}, checkpoint)
+    state = build_network(dict(opt['network_g'])).state_dict()
+    checkpoint = os.path.join(str(root), os.path.basename(opt['path']['pretrain_network_g']))
+    torch.save(standin_checkpoint(opt['path'], state), checkpoint)
     opt['path']['pretrain_network_g'] = checkpoint
     model = build_model(opt)
     loaded = model.get_bare_model(model.net_g).state_dict()
     assert list(loaded) == list(state)
-    assert all(torch.equal(loaded[k].cpu(), v) for k, v in state.items())
+    assert all(torch.equal(loaded[k].cpu(), v) for k, v in state.items()), 'the weights were not loaded'
 
 
 @pytest.mark.parametrize('path', OPTION_FILES)
@@ -405,3 +414,23 @@ def test_a_broken_option_file_is_reported_with_its_name(tmp_path, monkeypatch, o
     bad.write_text(text.replace('  grad_clip: 1.0\n', '  grad_clip: 1.0\n  prompt_diversty_weight: 1.0\n'))
     with pytest.raises(AssertionError, match=r'broken\.yml: ValueError: unknown key\(s\) \[\'prompt_diversty_weight'):
         test_option_file_builds(str(bad), tmp_path, monkeypatch, None)
+
+
+def trained_by(test_path):
+    """The train option file whose run writes the checkpoint a test file loads (experiments/<name>/...), or None."""
+    checkpoint = load_option_file(os.path.join(ROOT, test_path))['path']['pretrain_network_g']
+    parts = os.path.normpath(checkpoint).split(os.sep)
+    runs = {load_option_file(os.path.join(ROOT, p))['name']: p for p in OPTION_FILES
+            if is_train_file(load_option_file(os.path.join(ROOT, p)))}
+    return runs.get(parts[1]) if parts[0] == 'experiments' else None
+
+
+@pytest.mark.parametrize('path', [p for p in OPTION_FILES if not is_train_file(load_option_file(os.path.join(ROOT, p)))
+                                  and trained_by(p)])
+def test_test_files_load_what_their_training_writes(path):
+    """Same network as the run that writes the checkpoint, and its EMA copy exactly when that run keeps one."""
+    test_opt, train_path = load_option_file(os.path.join(ROOT, path)), trained_by(path)
+    train_opt = load_option_file(os.path.join(ROOT, train_path))
+    assert test_opt['network_g'] == train_opt['network_g'], f'{path} vs {train_path}'
+    uses_ema = test_opt['path'].get('param_key_g', 'params') == 'params_ema'
+    assert uses_ema == (float(train_opt['train'].get('ema_decay', 0)) > 0), f'{path} vs {train_path}: param_key_g'
