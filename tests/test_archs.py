@@ -187,6 +187,16 @@ def test_zero_padding_matches_explicit_padding():
         assert torch.equal(net(x), net(padded)[..., :13, :10])
 
 
+def test_pad_multiple_pads_further_and_crops_back():
+    torch.manual_seed(0)
+    net = build_network(dict(TINY, pad_multiple=32)).eval()
+    x = torch.rand(1, 3, 13, 10)
+    with torch.no_grad():
+        out = net(x)
+        assert out.shape == x.shape
+        assert torch.equal(out, net(torch.nn.functional.pad(x, (0, 22, 0, 19)))[..., :13, :10])
+
+
 def test_reflect_padding_is_opt_in_and_differs():
     torch.manual_seed(0)
     zero = build_network(dict(TINY)).eval()
@@ -217,6 +227,7 @@ def test_prompt_state_exposes_the_retrieval():
     (dict(degradation_top_k=9), 'top_k must lie in'),
     (dict(heads=[1, 3, 4, 8]), 'cannot be split into 3 attention heads'),
     (dict(pad_mode='wrap'), 'pad_mode must be one of'),
+    (dict(pad_multiple=12), 'pad_multiple must be a multiple of 8'),
     (dict(lean=True, literal=True), 'choose one'),
 ])
 def test_bad_configurations_fail_at_construction(change, message):

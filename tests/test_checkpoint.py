@@ -85,3 +85,18 @@ def test_training_state_is_not_mistaken_for_weights(tmp_path, golden):
     torch.save({'iter': 10, 'epoch': 1, 'optimizers': [], 'schedulers': []}, tmp_path / '10.state')
     with pytest.raises(CheckpointError, match='not tensors'):
         load_checkpoint(fresh(golden), str(tmp_path / '10.state'))
+
+
+def test_convert_lightning_checkpoint_with_python_objects(tmp_path, golden):
+    import subprocess
+    import sys
+    src = tmp_path / 'official.ckpt'
+    torch.save({'state_dict': prefixed(golden['state_dict'], 'net.'), 'hyper_parameters': argparse.Namespace(lr=2e-4),
+                'epoch': 149}, src)
+    cmd = [sys.executable, '-m', 'datprl_arch.tools.convert_checkpoint', str(src), str(tmp_path / 'w.pth')]
+    refused = subprocess.run(cmd, capture_output=True, text=True)
+    assert refused.returncode != 0 and '--trust-pickle' in refused.stderr and not (tmp_path / 'w.pth').exists()
+    done = subprocess.run(cmd + ['--trust-pickle'], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert set(torch.load(tmp_path / 'w.pth', weights_only=True)) == {'params'}
+    assert_restores(load_checkpoint(fresh(golden), str(tmp_path / 'w.pth')), golden)

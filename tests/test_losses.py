@@ -53,14 +53,14 @@ def test_fft_loss_2x2_by_hand():
     assert DATPRLFFTLoss(reduction='sum')(pred, gt).item() == pytest.approx(16.0)
 
 
-def dft_l1_loop(pred, gt):
-    """Mean |Re| + |Im| difference of the one-sided 2-D DFT, written as a plain loop over frequencies."""
+def dft_l1_loop(pred, gt, full=False):
+    """Mean |Re| + |Im| difference of the one-sided (or ``full``) 2-D DFT, written as a plain loop over frequencies."""
     b, c, h, w = pred.shape
     total, count = 0.0, 0
     for bi in range(b):
         for ci in range(c):
             for k in range(h):
-                for l in range(w // 2 + 1):
+                for l in range(w if full else w // 2 + 1):
                     re = im = 0.0
                     for m in range(h):
                         for n in range(w):
@@ -78,6 +78,13 @@ def test_fft_loss_matches_a_dft_loop_and_reduction_none_shape():
     pred, gt = torch.rand(2, 2, 3, 5, generator=g), torch.rand(2, 2, 3, 5, generator=g)
     assert DATPRLFFTLoss()(pred, gt).item() == pytest.approx(dft_l1_loop(pred, gt), rel=1e-5)
     assert DATPRLFFTLoss(reduction='none')(pred, gt).shape == (2, 2, 3, 3, 2)
+
+
+def test_full_fft_loss_matches_the_two_sided_dft_loop():
+    g = torch.Generator().manual_seed(1)
+    pred, gt = torch.rand(1, 2, 3, 4, generator=g), torch.rand(1, 2, 3, 4, generator=g)
+    assert DATPRLFFTLoss(full=True)(pred, gt).item() == pytest.approx(dft_l1_loop(pred, gt, full=True), rel=1e-5)
+    assert DATPRLFFTLoss(full=True, reduction='none')(pred, gt).shape == (1, 2, 3, 4, 2)
 
 
 def test_fft_loss_float32_under_autocast_and_errors():

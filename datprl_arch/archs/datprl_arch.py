@@ -14,7 +14,7 @@ from torch import nn
 from basicsr.utils.registry import ARCH_REGISTRY
 
 from ..utils.registry import register
-from .padding import check_pad_mode, pad_to_multiple
+from .padding import check_pad_mode, check_pad_multiple, pad_to_multiple
 from .prompt import PoolSpec, PromptSystem
 from .restormer_arch import RESTORMER_PAD, Downsample, PatchEmbed, TransformerBlock, Upsample, transformer_stack
 
@@ -43,7 +43,9 @@ class DATPRLRestormer(PromptSystem):
         lean: do not allocate the parameters that cannot affect the output (9.1M in the 6-task model); official
             checkpoints still load (the dead weights are dropped). For new training.
         literal: compute exactly as the official code (per-pixel fusion, token-reshaping norms): a benchmark baseline.
-        pad_mode: padding to a multiple of 8, 'constant' (official, zeros), 'reflect' or 'replicate'.
+        pad_mode: padding to ``pad_multiple``, 'constant' (official, zeros), 'reflect' or 'replicate'.
+        pad_multiple: the input is padded to a multiple of this (8, as the official network; the official natural
+            3-/5-task test reflect-pads to 32).
         use_domain_pool: False gives the task-pool-only network.
     """
 
@@ -57,10 +59,11 @@ class DATPRLRestormer(PromptSystem):
                  domain_top_k: int = 5, degradation_top_k: int = 3, value_num_tokens: int = 2,
                  prompt_fusion_method: str = 'cross_attention', fusion_method: str = 'cross_attention',
                  lean: bool = False, literal: bool = False, pad_mode: str = 'constant',
-                 use_domain_pool: bool = True):
+                 pad_multiple: int = RESTORMER_PAD, use_domain_pool: bool = True):
         super().__init__()
         c = dim or width or DEFAULT_DIM
         self.use_prompt, self.pad_mode = use_prompt, check_pad_mode(pad_mode)
+        self.pad_multiple = check_pad_multiple(pad_multiple, RESTORMER_PAD)
         task = PoolSpec(degradation_pool_size, degradation_prompt_dim, degradation_top_k)
         domain = PoolSpec(domain_pool_size, domain_prompt_dim, domain_top_k) if use_domain_pool else None
         if not use_prompt:
@@ -103,7 +106,7 @@ class DATPRLRestormer(PromptSystem):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[B, C, H, W]`` -> restored ``[B, C, H, W]`` for any H, W (padded internally to a multiple of 8)."""
         h, w = x.shape[-2:]
-        padded = pad_to_multiple(x, RESTORMER_PAD, self.pad_mode)
+        padded = pad_to_multiple(x, self.pad_multiple, self.pad_mode)
         stem = self.patch_embed(padded)
         out1 = self.encoder_level1(stem)
         out2 = self.encoder_level2(self.down1_2(out1))
@@ -130,10 +133,11 @@ class DATPRLRestormerTaskPool(DATPRLRestormer):
                  LayerNorm_type: str = 'WithBias', use_prompt: bool = True,  # noqa: N803
                  degradation_pool_size: int = 15, degradation_prompt_dim: int = 1024, degradation_top_k: int = 3,
                  value_num_tokens: int = 2, fusion_method: str = 'cross_attention',
-                 lean: bool = False, literal: bool = False, pad_mode: str = 'constant'):
+                 lean: bool = False, literal: bool = False, pad_mode: str = 'constant',
+                 pad_multiple: int = RESTORMER_PAD):
         super().__init__(img_channel, dim, width, enc_blk_nums, middle_blk_num, dec_blk_nums, refine_blk_num, heads,
                          ffn_expansion_factor, bias, LayerNorm_type, use_prompt,
                          degradation_pool_size=degradation_pool_size, degradation_prompt_dim=degradation_prompt_dim,
                          degradation_top_k=degradation_top_k, value_num_tokens=value_num_tokens,
                          fusion_method=fusion_method, lean=lean, literal=literal, pad_mode=pad_mode,
-                         use_domain_pool=False)
+                         pad_multiple=pad_multiple, use_domain_pool=False)

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from basicsr.utils.registry import ARCH_REGISTRY
 
 from ..utils.registry import register
-from .padding import check_pad_mode, pad_to_multiple
+from .padding import check_pad_mode, check_pad_multiple, pad_to_multiple
 from .prompt import PoolSpec, PromptedBlock, PromptSystem
 from .prompt.compose import composed_dim
 
@@ -76,7 +76,8 @@ class DATPRLNAFNet(PromptSystem):
     """DATPRL with a NAFNet backbone: plain NAF encoder, prompted middle and decoder blocks, additive skips.
 
     Args (official names; ``degradation`` = task): img_channel, width, middle_blk_num, enc_blk_nums, dec_blk_nums
-    as in NAFNet; pool and fusion arguments, ``lean``, ``literal`` and ``pad_mode`` as in ``DATPRLRestormer``.
+    as in NAFNet; pool and fusion arguments, ``lean``, ``literal``, ``pad_mode`` and ``pad_multiple`` (default
+    ``2**len(enc_blk_nums)``) as in ``DATPRLRestormer``.
     """
 
     def __init__(self, img_channel: int = 3, width: int = 32, middle_blk_num: int = 12,
@@ -85,13 +86,14 @@ class DATPRLNAFNet(PromptSystem):
                  domain_prompt_dim: int = 1024, degradation_prompt_dim: int = 1024, domain_top_k: int = 3,
                  degradation_top_k: int = 3, value_num_tokens: int = 5,
                  prompt_fusion_method: str = 'cross_attention', fusion_method: str = 'cross_attention',
-                 lean: bool = False, literal: bool = False, pad_mode: str = 'constant'):
+                 lean: bool = False, literal: bool = False, pad_mode: str = 'constant',
+                 pad_multiple: Optional[int] = None):
         super().__init__()
         if len(enc_blk_nums) != len(dec_blk_nums):
             raise ValueError(f'enc_blk_nums {list(enc_blk_nums)} and dec_blk_nums {list(dec_blk_nums)} '
                              'must have one entry per level')
         self.use_prompt, self.pad_mode = use_prompt, check_pad_mode(pad_mode)
-        self.pad_multiple = 2**len(enc_blk_nums)
+        self.pad_multiple = check_pad_multiple(pad_multiple or 2**len(enc_blk_nums), 2**len(enc_blk_nums))
         task = PoolSpec(degradation_pool_size, degradation_prompt_dim, degradation_top_k)
         domain = PoolSpec(domain_pool_size, domain_prompt_dim, domain_top_k)
         prompt_dim = composed_dim(domain.dim, task.dim, prompt_fusion_method) if use_prompt else None
@@ -112,7 +114,7 @@ class DATPRLNAFNet(PromptSystem):
             chan //= 2
             self.decoders.append(nn.ModuleList(NAFBlock(chan, **prompted) for _ in range(num)))
         if use_prompt:
-            self.build_prompt_system(width, width * self.pad_multiple, task, domain, value_num_tokens,
+            self.build_prompt_system(width, width * 2**len(enc_blk_nums), task, domain, value_num_tokens,
                                      prompt_fusion_method, lean, literal)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,14 @@ def check_pad_mode(mode: str) -> str:
     return mode
 
 
+def check_pad_multiple(multiple: int, required: int) -> int:
+    """``multiple`` if it is a positive multiple of what the network's downsamplings ``required``."""
+    if multiple < required or multiple % required:
+        raise ValueError(f'pad_multiple must be a multiple of {required} (the network downsamples by {required}), '
+                         f'got {multiple}')
+    return multiple
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = 'constant') -> torch.Tensor:
     """Pad ``[B, C, H, W]`` on the bottom and right to the next multiple of ``multiple``.
 
