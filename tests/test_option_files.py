@@ -167,8 +167,9 @@ class StandIns:
 
     def source(self, src):
         gt_folder, gt_root = self._once(('gt', src['dataroot_gt'], src['io_backend']['type']), lambda: self._gt(src))
-        src['dataroot_lq'] = self._once(('lq', src['dataroot_lq'], src['io_backend']['type'], src.get('scale', 1)),
-                                        lambda: self._lq(src, gt_folder))
+        if src.get('mode') != 'noise':  # noise sources make their LQ from the GT
+            src['dataroot_lq'] = self._once(('lq', src['dataroot_lq'], src['io_backend']['type'],
+                                             src.get('scale', 1)), lambda: self._lq(src, gt_folder))
         src['dataroot_gt'] = gt_root
         if src.get('meta_info_file'):
             src['meta_info_file'] = self._once(('meta', src['meta_info_file']), self._meta_info)

@@ -20,6 +20,8 @@ Options (the dataset entry of a BasicSR option file)::
         scale: 1                    # GT size = LQ size * scale
         upsample_lq: false          # bicubically upsample LQ to GT size (scale-1 networks on x2/x4 SR data)
         descriptions: ~             # JSON {image name: text}
+        mode: paired                # or noise: no dataroot_lq; LQ = GT + N(0, sigma/255), fresh per training crop
+        sigma: ~                    # mode noise: std on the 0-255 scale (e.g. 15, 25, 50)
     gt_size: 128                    # training crop (GT pixels)
     use_hflip: true
     use_rot: true
@@ -66,8 +68,24 @@ OFFICIAL_NAMES = ('MultiDatasetPairedImageDataset', 'MultiTaskAllInOneDataset')
 SHARED_DOMAIN = 'shared'
 #: Extra LQ pixels kept around a crop before bicubic upsampling, covering the 4-tap kernel exactly.
 UPSAMPLE_MARGIN = 3
+#: Noise ``sigma`` (mode 'noise') is given on this scale (8-bit intensities), as in the denoising literature.
+NOISE_SCALE = 255.0
+#: Seed of the repeatable noise of validation/test items (mode 'noise'), mixed with source and item.
+NOISE_EVAL_SEED = 2026
+#: Integer levels a noisy image is rounded to, by stored bit depth (float images are not rounded).
+QUANTISATION_LEVELS = {8: 255.0, 16: 65535.0}
 #: Seeds are folded into this range (numpy seed sequences take non-negative integers).
 SEED_MASK = (1 << 63) - 1
+
+
+def add_noise(img: np.ndarray, sigma: float, bit_depth: int, rng: Optional[np.random.Generator]) -> np.ndarray:
+    """``img`` (float ``[0, 1]``) plus Gaussian noise of std ``sigma`` on the 0-255 scale, clipped and quantised to
+    the stored bit depth (the official loader adds noise to uint8 crops). ``rng=None`` draws from NumPy's global
+    state, which BasicSR seeds per worker; a fixed ``rng`` makes validation/test noise repeatable."""
+    normal = np.random.standard_normal if rng is None else rng.standard_normal
+    noisy = np.clip(img + normal(img.shape).astype(np.float32) * np.float32(sigma / NOISE_SCALE), 0, 1)
+    levels = QUANTISATION_LEVELS.get(bit_depth)
+    return (np.round(noisy * levels) / levels).astype(np.float32) if levels else noisy
 
 
 def upsample(img: np.ndarray, scale: int) -> np.ndarray:
@@ -204,8 +222,11 @@ class DATPRLMultiDomainDataset(data.Dataset):
         src = self.sources[source_idx]
         pair = src.pairs[item]
         client = self._client(source_idx)
-        gt, _ = decode_raw(client.get(pair.gt, 'gt'), f'[{src.name}] GT {pair.gt}')
-        lq, lq_fmt = decode_raw(client.get(pair.lq, 'lq'), f'[{src.name}] LQ {pair.lq}')
+        gt, gt_fmt = decode_raw(client.get(pair.gt, 'gt'), f'[{src.name}] GT {pair.gt}')
+        if src.noise_sigma:  # the LQ is made from the (cropped) GT below
+            lq, lq_fmt = gt, gt_fmt
+        else:
+            lq, lq_fmt = decode_raw(client.get(pair.lq, 'lq'), f'[{src.name}] LQ {pair.lq}')
         s = src.scale
         gt = gt[:lq.shape[0] * s, :lq.shape[1] * s]
         if self.train:  # crop the stored pixels first: converting the whole image would be wasted work
@@ -222,6 +243,9 @@ class DATPRLMultiDomainDataset(data.Dataset):
             gt, lq = to_channels(to_unit(gt), self.channels), to_channels(to_unit(lq), self.channels)
             if src.upsample_lq and s > 1:
                 lq = upsample(lq, s)
+        if src.noise_sigma:
+            lq = add_noise(gt, src.noise_sigma, lq_fmt.bit_depth, None if self.train else
+                           np.random.default_rng((NOISE_EVAL_SEED, source_idx, item)))
         if self.opt.get('color') == 'y' and self.channels == 3:
             gt, lq = bgr2ycbcr(gt, y_only=True)[..., None], bgr2ycbcr(lq, y_only=True)[..., None]
         gt, lq = img2tensor([np.ascontiguousarray(gt), np.ascontiguousarray(lq)], bgr2rgb=True, float32=True)

@@ -22,9 +22,11 @@ from .lmdb_env import existing_keys
 
 #: Keys a source entry may carry; anything else is reported as a probable typo.
 SOURCE_KEYS = ('name', 'domain', 'task', 'dataroot_gt', 'dataroot_lq', 'io_backend', 'meta_info_file',
-               'filename_tmpl', 'augment_factor', 'weight', 'descriptions', 'scale', 'upsample_lq', 'mode')
+               'filename_tmpl', 'augment_factor', 'weight', 'descriptions', 'scale', 'upsample_lq', 'mode', 'sigma')
 #: Keys every source must give.
 REQUIRED_KEYS = ('name', 'dataroot_gt', 'dataroot_lq')
+#: How a source gets its LQ: from LQ files (``paired``) or as GT plus Gaussian noise of std ``sigma``/255 (``noise``).
+SOURCE_MODES = ('paired', 'noise')
 #: Storage backends a source can use.
 BACKENDS = ('disk', 'lmdb')
 #: File suffixes treated as images when scanning folders (lower case).
@@ -89,6 +91,7 @@ class Source:
     scale: int = 1
     upsample_lq: bool = False
     descriptions: dict = dataclasses.field(default_factory=dict)
+    noise_sigma: Optional[float] = None  # mode 'noise': LQ = GT + N(0, (sigma/255)^2)
 
     @property
     def out_scale(self) -> int:
@@ -130,7 +133,10 @@ def parse_source(opt: dict, index: int, problems: Problems, official: bool) -> O
             problems.add(label, f"unknown key '{key}'{_suggest(key, SOURCE_KEYS)}; accepted keys: "
                          f'{", ".join(SOURCE_KEYS)}.')
             ok = False
+    mode = opt.get('mode', 'paired')
     required = REQUIRED_KEYS if official else REQUIRED_KEYS + ('domain', 'task')
+    if mode == 'noise':
+        required = tuple(k for k in required if k != 'dataroot_lq') + ('sigma',)
     for key in required:
         if key not in opt:
             problems.add(label, f"missing key '{key}' (each source needs {', '.join(required)}).")
@@ -151,9 +157,19 @@ def parse_source(opt: dict, index: int, problems: Problems, official: bool) -> O
         if not valid:
             problems.add(label, f'{key} must be a positive {kind.__name__}, got {value!r}.')
             ok = False
-    if opt.get('mode', 'paired') != 'paired':
-        problems.add(label, f"mode {opt['mode']!r} is not supported; only 'paired' (LQ/GT folders) is.")
+    if mode not in SOURCE_MODES:
+        problems.add(label, f"mode {mode!r} is not supported; use 'paired' (LQ/GT folders) or 'noise' (LQ = GT + "
+                     'Gaussian noise of std sigma on the 0-255 scale, drawn afresh for every training crop).')
         ok = False
+    elif mode == 'noise' and 'sigma' in opt:
+        try:
+            parsed['sigma'] = float(opt['sigma'])
+            valid = parsed['sigma'] > 0
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            problems.add(label, f"sigma must be a positive number (noise std on the 0-255 scale), got {opt['sigma']!r}.")
+            ok = False
     if not ok:
         return None
     return dict(opt, io_backend=io_opt, **parsed)
@@ -313,8 +329,10 @@ def build_source(opt: dict, problems: Problems, crop: Optional[int], verify: boo
     """Discover and validate the pairs of one parsed source entry (see :func:`parse_source`)."""
     name = opt['name']
     io_opt = opt['io_backend']
-    tmpl = opt.get('filename_tmpl', '{}')
-    gt_root, lq_root = str(opt['dataroot_gt']), str(opt['dataroot_lq'])
+    noise = opt.get('mode') == 'noise'  # every GT image pairs with itself; the LQ is made when it is loaded
+    tmpl = '{}' if noise else opt.get('filename_tmpl', '{}')
+    gt_root = str(opt['dataroot_gt'])
+    lq_root = gt_root if noise else str(opt['dataroot_lq'])
     if io_opt['type'] == 'lmdb':
         pairs = _pairs_from_lmdb(name, gt_root, lq_root, problems)
     elif opt.get('meta_info_file'):
@@ -326,7 +344,7 @@ def build_source(opt: dict, problems: Problems, crop: Optional[int], verify: boo
         name=name, domain=str(opt.get('domain', defaults['domain'])), task=str(opt.get('task', name)),
         dataroot_gt=gt_root, dataroot_lq=lq_root, backend=io_opt['type'], io_opt=io_opt, pairs=pairs,
         augment_factor=opt['augment_factor'], weight=opt['weight'], scale=opt['scale'],
-        upsample_lq=bool(opt.get('upsample_lq', False)), descriptions=descriptions)
+        upsample_lq=bool(opt.get('upsample_lq', False)), descriptions=descriptions, noise_sigma=opt.get('sigma'))
     if pairs and not any(p.startswith(f'[{name}]') for p in problems.items):
         _check_sizes(source, crop, verify, problems)
     return source
