@@ -136,6 +136,7 @@ def main(argv=None) -> None:
     parser.add_argument('--data', action='store_true', help='also measure data loading on MD-Mini')
     parser.add_argument('--data-root', default='datasets/md_mini', help='MD-Mini folder for --data')
     parser.add_argument('--skip-networks', action='store_true', help='skip the network tables')
+    parser.add_argument('--speedup-only', action='store_true', help='only the official-vs-ours table at spec sizes')
     args = parser.parse_args(argv)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is visible')
@@ -151,13 +152,14 @@ def main(argv=None) -> None:
     train_shape = (args.train_batch, 3, args.train_size, args.train_size)
     print(f'device {args.device}, amp {args.amp}, threads {args.threads}, torch {torch.__version__}, '
           f'median of {args.repeats} after {args.warmup} warm-up', flush=True)
-    jobs = [(CONFIGS[c], IMPLS[i], eval_shape, train_shape, True) for c in args.configs for i in args.impls]
-    rows = [[c, i, f"{r['params']:.2f}", f"{r['gflops']:.1f}", f"{r['eval_ms']:.0f}", f"{r['train_ms']:.0f}",
-             f"{r['peak_mib']:.0f}"]
-            for (c, i), r in zip([(c, i) for c in args.configs for i in args.impls], _run(jobs, args))]
-    mem = 'peak CUDA MiB' if args.device.startswith('cuda') else 'peak RSS MiB'
-    print(_table(['config', 'impl', 'params M', f'GFLOPs@{args.eval_size}', f'eval ms 1x3x{args.eval_size}',
-                  f'train ms {args.train_batch}x3x{args.train_size}', mem], rows), flush=True)
+    if not args.speedup_only:
+        jobs = [(CONFIGS[c], IMPLS[i], eval_shape, train_shape, True) for c in args.configs for i in args.impls]
+        rows = [[c, i, f"{r['params']:.2f}", f"{r['gflops']:.1f}", f"{r['eval_ms']:.0f}", f"{r['train_ms']:.0f}",
+                 f"{r['peak_mib']:.0f}"]
+                for (c, i), r in zip([(c, i) for c in args.configs for i in args.impls], _run(jobs, args))]
+        mem = 'peak CUDA MiB' if args.device.startswith('cuda') else 'peak RSS MiB'
+        print(_table(['config', 'impl', 'params M', f'GFLOPs@{args.eval_size}', f'eval ms 1x3x{args.eval_size}',
+                      f'train ms {args.train_batch}x3x{args.train_size}', mem], rows), flush=True)
     if args.skip_speedup or 'official' not in args.impls:
         return
     print('\nspeed-up over the official computation at the spec sizes (eval 1x3x128x128, train 2x3x64x64)')
