@@ -261,3 +261,8 @@ def test_official_6task_train_section_is_accepted(tmp_path, data):
     assert model.objectives.alignment is None and model.objectives.diversity is not None
     opt['train'] = dict(official, text_encoder='hash')
     assert build_model(opt).objectives.alignment is not None
+
+
+def test_unknown_amp_dtype_is_an_error(tmp_path, data):
+    with pytest.raises(ValueError, match=r"train.amp_dtype must be one of \['bf16', 'fp16'\], got 'int8'"):
+        build_model(_model_opt(data, tmp_path, use_amp=True, amp_dtype='int8'))

@@ -85,8 +85,11 @@ class DATPRLModel(SRModel):
         self.nonfinite_steps = 0
         self.amp_dtype = None
         if train_opt.get('use_amp'):
+            amp_dtype = train_opt.get('amp_dtype', 'bf16')
+            if amp_dtype not in AMP_DTYPES:
+                raise ValueError(f"train.amp_dtype must be one of {sorted(AMP_DTYPES)}, got '{amp_dtype}'")
             if self.device.type == 'cuda':
-                self.amp_dtype = AMP_DTYPES[train_opt.get('amp_dtype', 'bf16')]
+                self.amp_dtype = AMP_DTYPES[amp_dtype]
             else:
                 logger.info('use_amp: mixed precision needs CUDA; training in float32 on the CPU.')
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -123,7 +126,7 @@ class DATPRLModel(SRModel):
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
 
-    def _losses(self, current_iter: int) -> 'OrderedDict[str, torch.Tensor]':
+    def _losses(self) -> 'OrderedDict[str, torch.Tensor]':
         losses = OrderedDict()
         output = self.output.float()
         if self.cri_pix:
@@ -149,7 +152,7 @@ class DATPRLModel(SRModel):
         self.optimizer_g.zero_grad(set_to_none=True)
         with self._autocast():
             self.output = self.net_g(self.lq)
-            losses = self._losses(current_iter)
+            losses = self._losses()
         if not self._all_finite(losses):
             self._skip_step(losses, current_iter)
         else:
