@@ -170,3 +170,18 @@ def test_test_sets_sharing_one_gt_lmdb_and_validation_on_the_training_lmdb(tmp_p
                                dataroot_lq=lq2, io_backend={'type': 'lmdb'}))
     for ds in (*sets, stock):
         assert torch.equal(ds[2]['gt'], sets[0][2]['gt'])
+
+
+def test_a_paired_write_that_cannot_finish_writes_neither_database(tmp_path):
+    from datprl_arch.tools.make_lmdb import LmdbWriteError, make_paired_lmdb
+    gt, lq = write_pairs(str(tmp_path / 'pairs'), count=2, size=(16, 16))
+    (tmp_path / 'lq.lmdb').mkdir()  # the LQ target exists already
+    with pytest.raises(LmdbWriteError, match='lq.lmdb already exists'):
+        make_paired_lmdb(gt, lq, str(tmp_path / 'gt.lmdb'), str(tmp_path / 'lq.lmdb'))
+    assert sorted(os.listdir(tmp_path)) == ['lq.lmdb', 'pairs']
+    with open(os.path.join(lq, 'img001.png'), 'wb') as f:  # the last LQ image is unreadable
+        f.write(b'not a png')
+    os.rmdir(tmp_path / 'lq.lmdb')
+    with pytest.raises(ValueError, match='img001.png: not a readable image'):
+        make_paired_lmdb(gt, lq, str(tmp_path / 'gt.lmdb'), str(tmp_path / 'lq.lmdb'))
+    assert sorted(os.listdir(tmp_path)) == ['pairs']

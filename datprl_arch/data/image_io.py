@@ -16,6 +16,8 @@ from typing import Optional
 import cv2
 import numpy as np
 
+from ..utils.atomic import atomic_write_bytes
+
 #: Divisors that map an integer image's dtype onto [0, 1].
 DTYPE_RANGE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 #: Channel counts a network can be fed: grayscale or colour.
@@ -67,12 +69,6 @@ def to_unit(img: np.ndarray) -> np.ndarray:
     return img.astype(np.float32, copy=False)
 
 
-def decode(content: bytes, where: str = '<bytes>') -> tuple[np.ndarray, ImageFormat]:
-    """Decode image bytes to float32 ``(H, W, C)`` in ``[0, 1]`` (BGR for colour) plus the stored format."""
-    img, fmt = decode_raw(content, where)
-    return np.ascontiguousarray(to_unit(img)), fmt
-
-
 def to_channels(img: np.ndarray, channels: int) -> np.ndarray:
     """Convert ``(H, W, C)`` to ``channels`` (1 or 3): grayscale is replicated, colour is converted to luma."""
     if channels not in NETWORK_CHANNELS:
@@ -103,18 +99,14 @@ def tensor_to_stored(tensor, fmt: ImageFormat) -> np.ndarray:
     return to_stored(np.ascontiguousarray(arr), fmt)
 
 
-def write(path: str, img: np.ndarray, fmt: Optional[ImageFormat] = None) -> None:
-    """Write a float ``[0, 1]`` image in ``fmt`` (default: 8-bit, its own channels) via a temporary file + rename."""
-    fmt = fmt or ImageFormat(8, img.shape[2])
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    root, ext = os.path.splitext(path)
-    ok, buf = cv2.imencode(ext, to_stored(img, fmt))
+def write(path: str, stored: np.ndarray) -> None:
+    """Encode an array in its stored format (e.g. from :func:`tensor_to_stored`) by the file suffix and write it
+    atomically (a temporary file, then a rename)."""
+    ext = os.path.splitext(path)[1]
+    ok, buf = cv2.imencode(ext, stored)
     if not ok:
         raise ValueError(f'Cannot encode an image as {ext!r} for {path}.')
-    tmp = f'{root}.partial{ext}'
-    with open(tmp, 'wb') as f:
-        f.write(buf.tobytes())
-    os.replace(tmp, path)
+    atomic_write_bytes(buf.tobytes(), path)
 
 
 def check_file(path: str, verify: bool = True) -> tuple[int, int]:

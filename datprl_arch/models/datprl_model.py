@@ -61,6 +61,11 @@ class DATPRLModel(SRModel):
     # ---------------------------------------------------------------- setup
     def model_to_device(self, net):
         """Freeze what ``train.freeze`` names and the dead parameters before any DDP wrapping sees the network."""
+        if self.opt['num_gpu'] > 1 and not self.opt['dist'] and hasattr(net, 'prompt_members'):
+            raise ValueError(f"num_gpu: {self.opt['num_gpu']} without a launcher would use DataParallel, whose "
+                             'replicas lose the prompt retrieval the prompt-pool losses read; train on several GPUs '
+                             'with torchrun ... --launcher pytorch (README, "Multi-GPU and multi-node"), or set '
+                             'num_gpu: 1')
         if self.opt['is_train'] and self.opt.get('train'):
             frozen = dead_parameter_names(net) | resolve_parts(net, self.opt['train'].get('freeze') or ())
             for name, param in net.named_parameters():
@@ -103,7 +108,7 @@ class DATPRLModel(SRModel):
         groups = parameter_groups(self.get_bare_model(self.net_g), lr, train_opt.get('prompt_lr'))
         extra = [p for p in self.objectives.parameters() if p.requires_grad]
         if extra:
-            groups.append({'params': extra, 'lr': train_opt.get('prompt_lr', lr), 'name': 'alignment'})
+            groups.append({'params': extra, 'lr': train_opt.get('prompt_lr') or lr, 'name': 'alignment'})
         self.optimizer_g = build_optimizer(train_opt['optim_g'], groups)
         self.optimizers.append(self.optimizer_g)
 
@@ -182,7 +187,7 @@ class DATPRLModel(SRModel):
     def test(self):
         """Restore ``self.lq`` with the EMA network if any, else the bare network (never through the DDP wrapper,
         since only rank 0 validates)."""
-        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.get_bare_model(self.net_g)
+        net = self._tested_net()
         was_training = net.training
         net.eval()
         with torch.no_grad():
@@ -234,7 +239,7 @@ class DATPRLModel(SRModel):
 
     def resume_training(self, resume_state):
         super().resume_training(resume_state)
-        if 'scaler' in resume_state:
+        if resume_state.get('scaler'):  # empty when the saving run had no fp16 scaling
             self.scaler.load_state_dict(resume_state['scaler'])
         if 'objectives' in resume_state:
             self.objectives.load_state_dict(resume_state['objectives'])
@@ -246,7 +251,8 @@ class DATPRLModel(SRModel):
             phases = [d.get('phase') for d in self.opt['datasets'].values()]
             count = sum(p == 'val' for p in phases) if self.opt['is_train'] else len(phases)
             root = self.opt['path']['experiments_root' if self.opt['is_train'] else 'results_root']
-            self.report = ValidationReport(count, osp.join(root, 'metrics.json'))
+            resumed = bool(self.opt['is_train'] and self.opt['path'].get('resume_state'))
+            self.report = ValidationReport(count, osp.join(root, 'metrics.json'), resume=resumed)
         return self.report
 
     def _analysis_for(self, current_iter) -> PromptAnalysis | None:

@@ -3,17 +3,16 @@ the log and to a JSON file (``metrics.json`` in the experiment or results folder
 in the input's bit depth and channels."""
 from __future__ import annotations
 
+import json
+import os
 from collections import OrderedDict, defaultdict
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ..data.image_io import ImageFormat, write
+from ..data.image_io import ImageFormat, tensor_to_stored, write
 from ..utils.atomic import atomic_write_json
-
-RGB_CHANNELS = 3
-
 
 def write_result_image(path: str, result: torch.Tensor, batch: dict) -> None:
     """Write a ``[C, H, W]`` RGB result in ``[0, 1]`` in the stored format of the batch's first LQ image (8-bit of
@@ -22,10 +21,7 @@ def write_result_image(path: str, result: torch.Tensor, batch: dict) -> None:
         fmt = ImageFormat(int(batch['bit_depth'][0]), int(batch['channels'][0]))
     else:
         fmt = ImageFormat(8, result.shape[0])
-    img = result.float().clamp(0, 1).numpy().transpose(1, 2, 0)
-    if img.shape[2] == RGB_CHANNELS:
-        img = img[..., ::-1]
-    write(path, np.ascontiguousarray(img), fmt)
+    write(path, tensor_to_stored(result.clamp(0, 1), fmt))
 
 
 def _mean(rows: list[dict]) -> dict:
@@ -40,9 +36,12 @@ class ValidationReport:
         json_path: where every round is recorded, keyed by iteration (or test name).
     """
 
-    def __init__(self, num_sets: int, json_path: str):
+    def __init__(self, num_sets: int, json_path: str, resume: bool = False):
         self.num_sets, self.json_path = num_sets, json_path
         self.rounds: 'OrderedDict[str, dict]' = OrderedDict()
+        if resume and os.path.isfile(json_path):  # a resumed run keeps the rounds recorded before it
+            with open(json_path, encoding='utf-8') as f:
+                self.rounds.update(json.load(f, object_pairs_hook=OrderedDict))
         self.pending: dict = OrderedDict()
         self.last_average: dict = {}
 

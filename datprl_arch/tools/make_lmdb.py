@@ -109,12 +109,21 @@ def write_lmdb(items: Sequence[tuple[str, str]], lmdb_path: str, compress_level:
     ``meta_info.txt`` while values are still being added.
     """
     problems = Problems(lmdb_path)
+    _check_items(items, lmdb_path, overwrite, problems)
+    _raise(problems)
+    tmp, count = _build(items, lmdb_path, compress_level, map_size)
+    _install(tmp, lmdb_path)
+    return count
+
+
+def _check_items(items: Sequence[tuple[str, str]], lmdb_path: str, overwrite: bool, problems: Problems) -> None:
+    """Record every problem of the target path and the keys before anything is written."""
     if not lmdb_path.endswith('.lmdb'):
         problems.add('output', f'{lmdb_path} must end with .lmdb (BasicSR checks the suffix).')
     if osp.exists(lmdb_path) and not overwrite:
         problems.add('output', f'{lmdb_path} already exists; pass --overwrite to replace it.')
     if not items:
-        problems.add('input', 'no images to write.')
+        problems.add('input', f'no images to write to {lmdb_path}.')
     seen = {}
     for key, path in items:
         why = key_problem(key)
@@ -123,7 +132,12 @@ def write_lmdb(items: Sequence[tuple[str, str]], lmdb_path: str, compress_level:
         if key in seen:
             problems.add(path, f'key {key!r} is also used by {seen[key]} (image names must be unique).')
         seen[key] = path
-    _raise(problems)
+
+
+def _build(items, lmdb_path: str, compress_level: int = DEFAULT_COMPRESS_LEVEL,
+           map_size: Optional[int] = None) -> tuple[str, int]:
+    """Write and verify ``<lmdb_path>.partial-<pid>``; returns it (not yet installed) and the number of values.
+    Nothing is left behind on failure."""
     map_size = int(map_size or estimate_map_size([p for _, p in items]))
     _remove_stale_partials(lmdb_path)
     tmp = f'{lmdb_path}.partial-{os.getpid()}'
@@ -138,8 +152,7 @@ def write_lmdb(items: Sequence[tuple[str, str]], lmdb_path: str, compress_level:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _install(tmp, lmdb_path)
-    return len(digests)
+    return tmp, len(digests)
 
 
 def _write_values(items, tmp, map_size, compress_level) -> tuple[dict, list[str]]:
@@ -205,14 +218,27 @@ def make_paired_lmdb(gt_dir: str, lq_dir: str, gt_lmdb: str, lq_lmdb: str, filen
                      **kwargs) -> int:
     """Write matching GT and LQ LMDBs; LQ values are stored under their GT's key. Returns the number of pairs.
 
-    Pairing problems (a partner missing on either side, empty folders) are reported before anything is written.
-    ``kwargs`` go to :func:`write_lmdb`.
+    Pairing problems (a partner missing on either side, empty folders) and problems of either target are reported
+    before anything is written; both databases are built and verified before either is installed.
+    ``kwargs`` (``compress_level``, ``map_size``, ``overwrite``) are those of :func:`write_lmdb`.
     """
     problems = Problems(f'{gt_dir} + {lq_dir}')
     pairs = pairs_from_folders('pairing', gt_dir, lq_dir, filename_tmpl, problems)
+    gt_items, lq_items = [(p.name, p.gt) for p in pairs], [(p.name, p.lq) for p in pairs]
+    overwrite = kwargs.get('overwrite', False)
+    _check_items(gt_items, gt_lmdb, overwrite, problems)
+    _check_items(lq_items, lq_lmdb, overwrite, problems)
     _raise(problems)
-    write_lmdb([(p.name, p.gt) for p in pairs], gt_lmdb, **kwargs)
-    return write_lmdb([(p.name, p.lq) for p in pairs], lq_lmdb, **kwargs)
+    build = {k: v for k, v in kwargs.items() if k != 'overwrite'}
+    gt_tmp, count = _build(gt_items, gt_lmdb, **build)
+    try:
+        lq_tmp, _ = _build(lq_items, lq_lmdb, **build)
+    except BaseException:
+        shutil.rmtree(gt_tmp, ignore_errors=True)
+        raise
+    _install(gt_tmp, gt_lmdb)  # both databases are complete and verified: install them together
+    _install(lq_tmp, lq_lmdb)
+    return count
 
 
 def verify_lmdb(lmdb_path: str) -> int:

@@ -30,6 +30,16 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
+def atomic_write_bytes(data: bytes, path: str) -> None:
+    """Write ``data`` to ``path``, atomically."""
+
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            f.write(data)
+
+    _atomic(path, write)
+
+
 def atomic_write_json(obj: Any, path: str) -> None:
     """Write ``obj`` as indented JSON, atomically."""
 
