@@ -17,11 +17,13 @@ import argparse
 import multiprocessing as mp
 import resource
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 
 import torch
 
+SPEC_EVAL_SHAPE, SPEC_TRAIN_SHAPE = (1, 3, 128, 128), (2, 3, 64, 64)  # the method spec's timing sizes
 SIX_TASK = dict(type='DualPromptRestormerv3', dim=48, enc_blk_nums=[4, 6, 6], middle_blk_num=8,
                 dec_blk_nums=[6, 6, 4], refine_blk_num=4, heads=[1, 2, 4, 8], domain_pool_size=15,
                 degradation_pool_size=15, domain_prompt_dim=1024, degradation_prompt_dim=1024, domain_top_k=5,
@@ -111,6 +113,12 @@ def _run(jobs, args):
     return results
 
 
+def _emit(text: str) -> None:
+    """Write a line of the report to stdout at once (tables appear while later measurements run)."""
+    sys.stdout.write(text + '\n')
+    sys.stdout.flush()
+
+
 def _table(header, rows):
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = [' | '.join(str(c).rjust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
@@ -144,27 +152,27 @@ def main(argv=None) -> None:
     if args.data:
         from .data import mini, throughput
         mini.build(args.data_root)
-        print('data loading on MD-Mini: samples/s at 128x128 crops', flush=True)
-        print(throughput.table(throughput.measure(args.data_root)) + '\n', flush=True)
+        _emit('data loading on MD-Mini: samples/s at 128x128 crops')
+        _emit(throughput.table(throughput.measure(args.data_root)) + '\n')
     if args.skip_networks:
         return
     eval_shape = (1, 3, args.eval_size, args.eval_size)
     train_shape = (args.train_batch, 3, args.train_size, args.train_size)
-    print(f'device {args.device}, amp {args.amp}, threads {args.threads}, torch {torch.__version__}, '
-          f'median of {args.repeats} after {args.warmup} warm-up', flush=True)
+    _emit(f'device {args.device}, amp {args.amp}, threads {args.threads}, torch {torch.__version__}, '
+          f'median of {args.repeats} after {args.warmup} warm-up')
     if not args.speedup_only:
         jobs = [(CONFIGS[c], IMPLS[i], eval_shape, train_shape, True) for c in args.configs for i in args.impls]
         rows = [[c, i, f"{r['params']:.2f}", f"{r['gflops']:.1f}", f"{r['eval_ms']:.0f}", f"{r['train_ms']:.0f}",
                  f"{r['peak_mib']:.0f}"]
                 for (c, i), r in zip([(c, i) for c in args.configs for i in args.impls], _run(jobs, args))]
         mem = 'peak CUDA MiB' if args.device.startswith('cuda') else 'peak RSS MiB'
-        print(_table(['config', 'impl', 'params M', f'GFLOPs@{args.eval_size}', f'eval ms 1x3x{args.eval_size}',
-                      f'train ms {args.train_batch}x3x{args.train_size}', mem], rows), flush=True)
+        _emit(_table(['config', 'impl', 'params M', f'GFLOPs@{args.eval_size}', f'eval ms 1x3x{args.eval_size}',
+                      f'train ms {args.train_batch}x3x{args.train_size}', mem], rows))
     if args.skip_speedup or 'official' not in args.impls:
         return
-    print('\nspeed-up over the official computation at the spec sizes (eval 1x3x128x128, train 2x3x64x64)')
+    _emit('\nspeed-up over the official computation at the spec sizes (eval 1x3x128x128, train 2x3x64x64)')
     ours = [i for i in args.impls if i != 'official']
-    speed_jobs = [(CONFIGS[c], IMPLS[i], (1, 3, 128, 128), (2, 3, 64, 64), False)
+    speed_jobs = [(CONFIGS[c], IMPLS[i], SPEC_EVAL_SHAPE, SPEC_TRAIN_SHAPE, False)
                   for c in args.configs for i in ['official', *ours]]
     results = iter(_run(speed_jobs, args))
     rows = []
@@ -174,7 +182,7 @@ def main(argv=None) -> None:
             r = next(results)
             rows.append([c, i, f"{base['eval_ms']:.0f}", f"{r['eval_ms']:.0f}", f"{base['eval_ms'] / r['eval_ms']:.2f}x",
                          f"{base['train_ms']:.0f}", f"{r['train_ms']:.0f}", f"{base['train_ms'] / r['train_ms']:.2f}x"])
-    print(_table(['config', 'impl', 'official eval ms', 'eval ms', 'eval speed-up', 'official train ms', 'train ms',
+    _emit(_table(['config', 'impl', 'official eval ms', 'eval ms', 'eval speed-up', 'official train ms', 'train ms',
                   'train speed-up'], rows))
 
 

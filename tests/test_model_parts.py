@@ -126,3 +126,14 @@ def test_prompt_analysis_writes_every_file(tmp_path, net):
     pytest.importorskip('matplotlib')
     assert (tmp_path / '500' / 'selection.png').stat().st_size > 0
     assert (tmp_path / '500' / 'prompts_2d.png').stat().st_size > 0
+
+
+def test_a_resumed_report_keeps_earlier_rounds(tmp_path):
+    first = ValidationReport(1, str(tmp_path / 'metrics.json'))
+    first.add(100, 'rain', 'natural', {'psnr': 30.0})
+    resumed = ValidationReport(1, str(tmp_path / 'metrics.json'), resume=True)
+    resumed.add(200, 'rain', 'natural', {'psnr': 31.0})
+    assert list(json.loads((tmp_path / 'metrics.json').read_text())) == ['100', '200']
+    fresh = ValidationReport(1, str(tmp_path / 'metrics.json'))
+    fresh.add(300, 'rain', 'natural', {'psnr': 32.0})
+    assert list(json.loads((tmp_path / 'metrics.json').read_text())) == ['300']

@@ -266,3 +266,10 @@ def test_official_6task_train_section_is_accepted(tmp_path, data):
 def test_unknown_amp_dtype_is_an_error(tmp_path, data):
     with pytest.raises(ValueError, match=r"train.amp_dtype must be one of \['bf16', 'fp16'\], got 'int8'"):
         build_model(_model_opt(data, tmp_path, use_amp=True, amp_dtype='int8'))
+
+
+def test_unknown_text_encoder_is_an_error(tmp_path, data):
+    paths = [str(data / 'rain' / 'descriptions.json')] * 3
+    with pytest.raises(ValueError, match=r"train.text_encoder must be one of \(None, 'clip', 'hash'\), got 'hsah'"):
+        build_model(_model_opt(data, tmp_path, use_clip_constraint=True, text_description_paths=paths,
+                               text_encoder='hsah'))

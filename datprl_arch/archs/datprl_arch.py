@@ -16,6 +16,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from ..utils.registry import register
 from .padding import check_pad_mode, check_pad_multiple, pad_to_multiple
 from .prompt import PoolSpec, PromptSystem
+from .prompt.compose import composed_dim
 from .restormer_arch import RESTORMER_PAD, Downsample, PatchEmbed, TransformerBlock, Upsample, transformer_stack
 
 DEFAULT_DIM = 48
@@ -71,7 +72,7 @@ class DATPRLRestormer(PromptSystem):
         elif domain is None:
             prompt_dim = task.dim
         else:
-            prompt_dim = domain.dim if prompt_fusion_method == 'cross_attention' else domain.dim + task.dim
+            prompt_dim = composed_dim(domain.dim, task.dim, prompt_fusion_method)
         plain = dict(ffn_expansion_factor=ffn_expansion_factor, bias=bias, layer_norm_type=LayerNorm_type,
                      literal=literal)
         prompted = dict(plain, prompt_dim=prompt_dim, fusion_method=fusion_method, lean=lean)

@@ -114,7 +114,8 @@ def _package_dir(module: str) -> str:
     try:
         return list(importlib.import_module(module).__path__)[0]
     except ImportError:
-        raise SystemExit(f'MD-Mini needs the optional package providing {module!r}: pip install -e .[demo]') from None
+        raise RuntimeError(f'MD-Mini needs the optional package providing {module!r}: '
+                           'pip install -r requirements/demo.txt') from None
 
 
 def _unit(img: np.ndarray) -> np.ndarray:

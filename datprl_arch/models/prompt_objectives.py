@@ -38,6 +38,7 @@ OBJECTIVE_KEYS = (
     'stats_update_freq', 'reinit_prompts', 'prompt_contrastive_weight', 'contrastive_temperature')
 DEFAULT_STATS_FREQ = 5000
 ALIGNMENT_TARGETS = ('domain_prompt', 'domain_query', 'prompt')
+TEXT_ENCODERS = (None, 'clip', 'hash')  # encoders of text_description_paths at start-up (None: none available)
 
 
 def _pools(net: nn.Module) -> 'OrderedDict[str, nn.Module]':
@@ -90,15 +91,21 @@ class PromptObjectives(nn.Module):
         paths = train_opt.get('text_description_paths') or []
         if not paths:
             return None
-        from ..tools.encode_descriptions import clip_encoder, encode_files, hash_encoder
+        from ..tools.encode_descriptions import DescriptionError, clip_encoder, encode_files, hash_encoder
         sources = _train_source_names(opt)
         if len(sources) != len(paths):
             raise ValueError(f'train.text_description_paths lists {len(paths)} files for {len(sources)} training '
                              'sources; give one descriptions JSON per source, in the order of datasets.train.datasets')
-        if train_opt.get('text_encoder') == 'hash':
+        text_encoder = train_opt.get('text_encoder') or ('clip' if train_opt.get('clip_weights') else None)
+        if text_encoder not in TEXT_ENCODERS:
+            raise ValueError(f"train.text_encoder must be one of {TEXT_ENCODERS}, got '{text_encoder}'")
+        if text_encoder == 'hash':
             encoder, name = hash_encoder(), 'hash'
         elif train_opt.get('clip_weights'):
-            encoder = clip_encoder(train_opt['clip_weights'], 'cpu')
+            try:
+                encoder = clip_encoder(train_opt['clip_weights'], 'cpu')
+            except DescriptionError as err:
+                raise ValueError(f'train.clip_weights: {err}') from err
             name = f"open_clip:{train_opt.get('clip_model', 'RN50')}:{train_opt['clip_weights']}"
         else:
             return None
