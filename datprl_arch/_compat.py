@@ -286,7 +286,8 @@ def init_dist(launcher: str, backend: str | None = None, port: int | None = None
     basicsr 1.4.2 hard-wires nccl and divides by the CUDA device count (``ZeroDivisionError`` on a CPU machine).
     Here the backend comes from ``dist_backend`` (nccl with CUDA, gloo without, or a usable
     ``dist_params.backend``: basicsr passes ``dist_params`` only with slurm, so for torchrun it is read from the
-    ``-opt`` file); with CUDA the process is bound to GPU ``LOCAL_RANK``.
+    ``-opt`` file); with CUDA the process is bound to GPU ``LOCAL_RANK``, unless the option file says
+    ``num_gpu: 0`` (CPU training on a GPU machine: gloo, no GPU binding).
 
     - ``pytorch``: torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``);
       ``dist_params.port`` does not apply (use ``torchrun --master_port``).
@@ -311,8 +312,12 @@ def init_dist(launcher: str, backend: str | None = None, port: int | None = None
         _export_slurm_env(port)
     else:
         raise ValueError(f"--launcher {launcher!r}: expected 'pytorch' (torchrun) or 'slurm' (srun).")
+    from .options import command_line_num_gpu
+    cpu_only = command_line_num_gpu() == 0  # num_gpu: 0 keeps the networks on the CPU, even on a GPU machine
+    if cpu_only and backend in (None, 'nccl'):
+        backend = 'gloo'
     backend = dist_backend(backend)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not cpu_only:
         _set_cuda_device()
     if mp.get_start_method(allow_none=True) is None:
         mp.set_start_method('spawn')

@@ -93,15 +93,28 @@ def _option_file_argument() -> str | None:
     return parser.parse_known_args()[0].opt
 
 
+def _command_line_options() -> tuple[str | None, dict]:
+    """The ``-opt`` file on the command line and its options (``(None, {})`` without one)."""
+    path = _option_file_argument()
+    if path is None or not os.path.isfile(path):
+        return None, {}
+    return path, load_option_file(path)
+
+
+def command_line_num_gpu():
+    """``num_gpu`` of the ``-opt`` file on the command line, or None: ``init_dist`` runs before BasicSR reads it."""
+    return _command_line_options()[1].get('num_gpu')
+
+
 def command_line_dist_backend() -> str | None:
     """``dist_params.backend`` of the ``-opt`` file on the command line, or None (no file, no such key).
 
     basicsr's ``parse_options`` hands ``dist_params`` to ``init_dist`` only for ``--launcher slurm``; the
     replacement ``init_dist`` asks here so that torchrun runs honour it too."""
-    path = _option_file_argument()
-    if path is None or not os.path.isfile(path):
+    path, opt = _command_line_options()
+    if path is None:
         return None
-    dist_params = load_option_file(path).get('dist_params') or {}
+    dist_params = opt.get('dist_params') or {}
     if not isinstance(dist_params, dict):
         raise OptionFileError(f'{path}: dist_params must be a mapping (backend: ..., port: ...), '
                               f'found {dist_params!r}.')

@@ -483,3 +483,22 @@ def test_resumed_epoch_continues_where_the_saved_run_stopped():
     fresh = EnlargedSampler(Items(), num_replicas=1, rank=0, ratio=2)
     _compat._continue_epoch(mismatched, fresh, per_epoch=5, logger=logging.getLogger('test'))
     assert not hasattr(fresh, 'resume_skip')
+
+
+def test_p12_num_gpu_0_trains_on_the_cpu_with_gloo_on_a_gpu_machine(clean_dist_env, tmp_path):
+    from torch import distributed as dist
+    opt_file = tmp_path / 'x.yml'
+    opt_file.write_text('name: x\nnum_gpu: 0\ndist_params:\n  backend: nccl\n')
+    clean_dist_env.setattr(sys, 'argv', ['train.py', '-opt', str(opt_file), '--launcher', 'pytorch'])
+    clean_dist_env.setattr(torch.cuda, 'is_available', lambda: True)
+    clean_dist_env.setattr(torch.cuda, 'set_device', lambda i: pytest.fail('a CPU run must not bind a GPU'))
+    calls = []
+    clean_dist_env.setattr(dist, 'init_process_group', lambda **kw: calls.append(kw))
+    clean_dist_env.setattr(torch.multiprocessing, 'set_start_method', lambda method: None)  # keep pytest's
+    clean_dist_env.setenv('RANK', '0')
+    clean_dist_env.setenv('WORLD_SIZE', '1')
+    clean_dist_env.setenv('LOCAL_RANK', '0')
+    clean_dist_env.setenv('MASTER_ADDR', '127.0.0.1')
+    clean_dist_env.setenv('MASTER_PORT', '29555')
+    _compat.init_dist('pytorch')
+    assert calls == [{'backend': 'gloo'}]
