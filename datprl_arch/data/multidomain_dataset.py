@@ -37,7 +37,8 @@ Options (the dataset entry of a BasicSR option file)::
 
 Each item: ``lq``, ``gt`` (``(C, H, W)`` float32 in ``[0, 1]``, RGB), ``lq_path``, ``gt_path``, integer ``source``,
 ``domain``, ``task`` labels and their names, ``description``, and the LQ's stored ``bit_depth`` and ``channels`` so
-results can be written back in the input format (:func:`datprl_arch.data.image_io.tensor_to_stored`).
+results can be written back in the input format (:func:`datprl_arch.data.image_io.tensor_to_stored`, used by the
+model's validation).
 Training batches are balanced across sources by weight (:mod:`datprl_arch.data.sampling`).
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ from torchvision.transforms.functional import normalize
 
 from datprl_arch.utils.registry import register
 
-from .image_io import NETWORK_CHANNELS, decode_raw, to_channels, to_unit
+from .image_io import DTYPE_RANGE, NETWORK_CHANNELS, decode_raw, to_channels, to_unit
 from .sampling import SAMPLING_MODES, BalancedSchedule
 from .sources import Problems, Source, build_source, parse_source
 
@@ -72,8 +73,6 @@ UPSAMPLE_MARGIN = 3
 NOISE_SCALE = 255.0
 #: Seed of the repeatable noise of validation/test items (mode 'noise'), mixed with source and item.
 NOISE_EVAL_SEED = 2026
-#: Integer levels a noisy image is rounded to, by stored bit depth (float images are not rounded).
-QUANTISATION_LEVELS = {8: 255.0, 16: 65535.0}
 #: Seeds are folded into this range (numpy seed sequences take non-negative integers).
 SEED_MASK = (1 << 63) - 1
 
@@ -84,7 +83,7 @@ def add_noise(img: np.ndarray, sigma: float, bit_depth: int, rng: Optional[np.ra
     state, which BasicSR seeds per worker; a fixed ``rng`` makes validation/test noise repeatable."""
     normal = np.random.standard_normal if rng is None else rng.standard_normal
     noisy = np.clip(img + normal(img.shape).astype(np.float32) * np.float32(sigma / NOISE_SCALE), 0, 1)
-    levels = QUANTISATION_LEVELS.get(bit_depth)
+    levels = {8: DTYPE_RANGE[np.dtype(np.uint8)], 16: DTYPE_RANGE[np.dtype(np.uint16)]}.get(bit_depth)
     return (np.round(noisy * levels) / levels).astype(np.float32) if levels else noisy
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 import os.path as osp
 import re
@@ -17,6 +16,7 @@ from typing import Optional
 
 from basicsr.utils import scandir
 
+from .descriptions import DescriptionError, read_descriptions
 from .image_io import ImageDecodeError, check_file
 from .lmdb_env import existing_keys
 
@@ -33,8 +33,6 @@ BACKENDS = ('disk', 'lmdb')
 IMAGE_SUFFIXES = ('.png', '.tif', '.tiff', '.jpg', '.jpeg', '.bmp', '.webp')
 #: How many problems an error message lists before summarising the rest.
 MAX_LISTED = 8
-#: Keys of a descriptions JSON that start with this prefix carry metadata, not image names.
-DESCRIPTION_META_PREFIX = '__'
 #: One line of BasicSR's meta_info.txt: ``<name> (<h>,<w>,<c>) <compress level>``.
 _META_LINE = re.compile(r'^(?P<name>\S.*?)\s+\((?P<h>\d+),\s*(?P<w>\d+),\s*(?P<c>\d+)\)(?:\s+(?P<level>\d+))?\s*$')
 
@@ -289,16 +287,11 @@ def _pairs_from_lmdb(name, gt_root, lq_root, problems) -> list[Pair]:
 
 def _load_descriptions(name: str, path: str, problems: Problems) -> dict:
     try:
-        with open(path, encoding='utf-8') as f:
-            data = json.load(f)
-    except (OSError, ValueError) as err:
-        problems.add(name, f'descriptions file {path} is not readable JSON ({err}).')
+        texts = read_descriptions(path)
+    except DescriptionError as err:
+        problems.add(name, f'{err}.')
         return {}
-    if not isinstance(data, dict) or not all(isinstance(v, str) for k, v in data.items()
-                                             if not k.startswith(DESCRIPTION_META_PREFIX)):
-        problems.add(name, f'descriptions file {path} must map image names to text, e.g. {{"0001.png": "a ..."}}.')
-        return {}
-    return {stem(k): v for k, v in data.items() if not k.startswith(DESCRIPTION_META_PREFIX)}
+    return {stem(k): v for k, v in texts.items()}
 
 
 def _check_sizes(source: Source, crop: Optional[int], verify: bool, problems: Problems) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import os.path as osp
@@ -28,10 +27,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.nn import functional as F
 
+from datprl_arch.data.descriptions import META_PREFIX, DescriptionError, read_descriptions  # noqa: F401  (re-exported)
 from datprl_arch.losses.description_embeddings import DescriptionEmbeddings
 
-#: Keys of a descriptions JSON that start with this prefix carry metadata, not image names (as the dataset reads it).
-META_PREFIX = '__'
 #: Default width of the hash encoder (CLIP RN50's text width, so it matches the 6T domain prompt without projection).
 HASH_DIM = 1024
 HASH_ENCODER = 'hash-ngram-v1'
@@ -41,37 +39,6 @@ CHAR_NGRAM = 3
 BATCH_SIZE = 64
 
 Encoder = Callable[[list[str]], torch.Tensor]
-
-
-class DescriptionError(ValueError):
-    """A descriptions file or encoder option that cannot be used, with the file and key in the message."""
-
-
-def read_descriptions(path: str) -> dict[str, str]:
-    """Image name -> description of one JSON file, metadata keys dropped; every problem names the file and key."""
-    if not osp.isfile(path):
-        raise DescriptionError(f'descriptions file {path} does not exist')
-    try:
-        with open(path, encoding='utf-8') as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DescriptionError(f'descriptions file {path} is not readable JSON ({err})') from err
-    if not isinstance(data, dict):
-        raise DescriptionError(f'descriptions file {path} must hold a JSON object mapping image names to text, '
-                               f'e.g. {{"0001.png": "a rainy street"}}; got a {type(data).__name__}')
-    texts = {}
-    for name, text in data.items():
-        if name.startswith(META_PREFIX):
-            continue
-        if not isinstance(text, str):
-            raise DescriptionError(f"descriptions file {path}: key '{name}' maps to a {type(text).__name__}, "
-                                   f'expected a text string')
-        if not text.strip():
-            raise DescriptionError(f"descriptions file {path}: key '{name}' has an empty description")
-        texts[name] = text
-    if not texts:
-        raise DescriptionError(f'descriptions file {path} holds no descriptions (only metadata keys, or empty)')
-    return texts
 
 
 def default_source(path: str) -> str:
