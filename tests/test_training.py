@@ -273,3 +273,10 @@ def test_unknown_text_encoder_is_an_error(tmp_path, data):
     with pytest.raises(ValueError, match=r"train.text_encoder must be one of \(None, 'clip', 'hash'\), got 'hsah'"):
         build_model(_model_opt(data, tmp_path, use_clip_constraint=True, text_description_paths=paths,
                                text_encoder='hsah'))
+
+
+def test_dataparallel_is_refused_for_prompted_networks(tmp_path, data):
+    opt = _model_opt(data, tmp_path)
+    opt['num_gpu'] = 2
+    with pytest.raises(ValueError, match=r'num_gpu: 2 without a launcher would use DataParallel.*torchrun'):
+        build_model(opt)
