@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 import yaml
@@ -151,3 +153,12 @@ def check_tensorboard(opt: dict, opt_file: str) -> None:
         raise OptionFileError(
             f'{opt_file}: logger.use_tb_logger is true but TensorBoard cannot be imported ({err}). Install it with '
             '`pip install tensorboard`, or set `use_tb_logger: false`.') from None
+
+
+def run_pipeline(pipeline: Callable[[str], None], prog: str) -> None:
+    """Run a BasicSR pipeline rooted at the current directory; a bad option file ends with its message (exit
+    status 1) instead of a traceback."""
+    try:
+        pipeline(os.getcwd())
+    except OptionFileError as err:
+        sys.exit(f'{prog}: error: {err}')

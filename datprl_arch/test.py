@@ -4,20 +4,14 @@
 
 Same flags as ``basicsr/test.py``; ``results/<name>/`` (log, metrics, images) is written under the current directory.
 """
-import os
-import sys
-
 import datprl_arch  # noqa: F401  (compatibility fixes and registration, before basicsr)
 from basicsr.test import test_pipeline
-from datprl_arch.options import OptionFileError
+from datprl_arch.options import run_pipeline
 
 
 def main() -> None:
     """Console script ``datprl-test``: a bad option file ends with its message (exit status 1), no traceback."""
-    try:
-        test_pipeline(os.getcwd())
-    except OptionFileError as err:
-        sys.exit(f'datprl-test: error: {err}')
+    run_pipeline(test_pipeline, 'datprl-test')
 
 
 if __name__ == '__main__':

@@ -11,7 +11,7 @@ import sys
 
 import datprl_arch  # noqa: F401  (compatibility fixes and registration, before basicsr)
 from basicsr.train import train_pipeline
-from datprl_arch.options import OptionFileError
+from datprl_arch.options import run_pipeline
 
 LOCAL_RANK_FLAG = '--local-rank'
 
@@ -38,10 +38,7 @@ def drop_local_rank_flag(argv: list) -> list:
 def main() -> None:
     """Console script ``datprl-train``: a bad option file ends with its message (exit status 1), no traceback."""
     sys.argv = drop_local_rank_flag(sys.argv)
-    try:
-        train_pipeline(os.getcwd())
-    except OptionFileError as err:
-        sys.exit(f'datprl-train: error: {err}')
+    run_pipeline(train_pipeline, 'datprl-train')
 
 
 if __name__ == '__main__':

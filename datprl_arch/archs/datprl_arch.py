@@ -17,7 +17,7 @@ from ..utils.registry import register
 from .padding import check_pad_mode, check_pad_multiple, pad_to_multiple
 from .prompt import PoolSpec, PromptSystem
 from .prompt.compose import composed_dim
-from .restormer_arch import RESTORMER_PAD, Downsample, PatchEmbed, TransformerBlock, Upsample, transformer_stack
+from .restormer_arch import RESTORMER_PAD, PatchEmbed, RestormerEncoder, TransformerBlock, Upsample
 
 DEFAULT_DIM = 48
 
@@ -28,7 +28,7 @@ def prompted_stack(count: int, dim: int, heads: int, **block_args) -> nn.ModuleL
 
 
 @register(ARCH_REGISTRY, aliases=('DualPromptRestormerv3',))
-class DATPRLRestormer(PromptSystem):
+class DATPRLRestormer(PromptSystem, RestormerEncoder):
     """DATPRL-IR: Restormer with a task prompt pool and a domain prompt pool (registered as DualPromptRestormerv3).
 
     Args (official names; ``degradation`` = task):
@@ -79,12 +79,7 @@ class DATPRLRestormer(PromptSystem):
 
         self.patch_embed = PatchEmbed(img_channel, c)
         self.output = nn.Conv2d(c * 2, img_channel, 3, padding=1, bias=bias)
-        self.encoder_level1 = transformer_stack(enc_blk_nums[0], c, heads[0], **plain)
-        self.down1_2 = Downsample(c)
-        self.encoder_level2 = transformer_stack(enc_blk_nums[1], c * 2, heads[1], **plain)
-        self.down2_3 = Downsample(c * 2)
-        self.encoder_level3 = transformer_stack(enc_blk_nums[2], c * 4, heads[2], **plain)
-        self.down3_4 = Downsample(c * 4)
+        self.build_encoder(c, enc_blk_nums, heads, **plain)
         self.latent_blocks = prompted_stack(middle_blk_num, c * 8, heads[3], **prompted)
         self.up4_3 = Upsample(c * 8)
         self.reduce_chan_level3 = nn.Conv2d(c * 8, c * 4, 1, bias=bias)
@@ -109,10 +104,7 @@ class DATPRLRestormer(PromptSystem):
         h, w = x.shape[-2:]
         padded = pad_to_multiple(x, self.pad_multiple, self.pad_mode)
         stem = self.patch_embed(padded)
-        out1 = self.encoder_level1(stem)
-        out2 = self.encoder_level2(self.down1_2(out1))
-        out3 = self.encoder_level3(self.down2_3(out2))
-        deep = self.down3_4(out3)
+        (out1, out2, out3), deep = self.encode(stem)
         prompt = self.compose_prompt(stem, deep) if self.use_prompt else None
         y = self._run(self.latent_blocks, deep, prompt)
         y = self._run(self.decoder_level3, self.reduce_chan_level3(torch.cat([self.up4_3(y), out3], 1)), prompt)

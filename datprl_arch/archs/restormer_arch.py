@@ -164,8 +164,30 @@ def transformer_stack(count: int, dim: int, heads: int, **block_args) -> nn.Sequ
     return nn.Sequential(*[TransformerBlock(dim, heads, **block_args) for _ in range(count)])
 
 
+class RestormerEncoder(nn.Module):
+    """Mixin: the Restormer encoder, three levels of plain blocks each followed by a 2x downsampling. Registered on
+    the host with the official names (``encoder_level1``, ``down1_2``, ...) so the plain and the prompted U-Net keep
+    their checkpoint keys."""
+
+    def build_encoder(self, dim: int, blocks: Sequence[int], heads: Sequence[int], **block_args) -> None:
+        """Levels at ``dim``, ``2 dim``, ``4 dim`` channels with ``blocks[i]`` blocks of ``heads[i]`` heads."""
+        self.encoder_level1 = transformer_stack(blocks[0], dim, heads[0], **block_args)
+        self.down1_2 = Downsample(dim)
+        self.encoder_level2 = transformer_stack(blocks[1], dim * 2, heads[1], **block_args)
+        self.down2_3 = Downsample(dim * 2)
+        self.encoder_level3 = transformer_stack(blocks[2], dim * 4, heads[2], **block_args)
+        self.down3_4 = Downsample(dim * 4)
+
+    def encode(self, stem: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """stem ``[B, C, H, W]`` -> the three levels' outputs (skips) and the deepest features ``[B, 8C, H/8, W/8]``."""
+        out1 = self.encoder_level1(stem)
+        out2 = self.encoder_level2(self.down1_2(out1))
+        out3 = self.encoder_level3(self.down2_3(out2))
+        return (out1, out2, out3), self.down3_4(out3)
+
+
 @register(ARCH_REGISTRY, aliases=('Restormer',))
-class PaddedRestormer(nn.Module):
+class PaddedRestormer(RestormerEncoder):
     """Restormer (Zamir et al. 2022) that zero-pads the input to a multiple of 8 and crops the output.
 
     Registered as ``Restormer`` with the official arguments, so DATPRL-IR's prompt-free option files and checkpoints
@@ -181,12 +203,7 @@ class PaddedRestormer(nn.Module):
                     literal=literal)
         self.dual_pixel_task = dual_pixel_task
         self.patch_embed = PatchEmbed(inp_channels, dim)
-        self.encoder_level1 = transformer_stack(num_blocks[0], dim, heads[0], **args)
-        self.down1_2 = Downsample(dim)
-        self.encoder_level2 = transformer_stack(num_blocks[1], dim * 2, heads[1], **args)
-        self.down2_3 = Downsample(dim * 2)
-        self.encoder_level3 = transformer_stack(num_blocks[2], dim * 4, heads[2], **args)
-        self.down3_4 = Downsample(dim * 4)
+        self.build_encoder(dim, num_blocks[:3], heads, **args)
         self.latent = transformer_stack(num_blocks[3], dim * 8, heads[3], **args)
         self.up4_3 = Upsample(dim * 8)
         self.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, 1, bias=bias)
@@ -206,10 +223,8 @@ class PaddedRestormer(nn.Module):
         h, w = x.shape[-2:]
         padded = pad_to_multiple(x, RESTORMER_PAD)
         stem = self.patch_embed(padded)
-        out1 = self.encoder_level1(stem)
-        out2 = self.encoder_level2(self.down1_2(out1))
-        out3 = self.encoder_level3(self.down2_3(out2))
-        y = self.latent(self.down3_4(out3))
+        (out1, out2, out3), deep = self.encode(stem)
+        y = self.latent(deep)
         y = self.decoder_level3(self.reduce_chan_level3(torch.cat([self.up4_3(y), out3], 1)))
         y = self.decoder_level2(self.reduce_chan_level2(torch.cat([self.up3_2(y), out2], 1)))
         y = self.refinement(self.decoder_level1(torch.cat([self.up2_1(y), out1], 1)))
