@@ -116,7 +116,8 @@ def test_every_loss_trains_logs_and_validates(tmp_path, data):
     ct = cv2.imread(str(exp / 'visualization' / 'val_ct' / 'img000_6.png'), cv2.IMREAD_UNCHANGED)
     assert ct.dtype.name == 'uint16' and ct.shape == (24, 40)  # written back as the 16-bit grayscale input
     checkpoint = torch.load(exp / 'models' / 'net_g_latest.pth', weights_only=True)
-    assert set(checkpoint) == {'params', 'params_ema'}
+    assert set(checkpoint) == {'params', 'params_ema', 'network_g'}  # the network options travel with the weights
+    assert checkpoint['network_g']['type'] == 'DATPRLRestormer' and isinstance(checkpoint['network_g'], dict)
     state = torch.load(exp / 'training_states' / '6.state', weights_only=True)
     assert set(state['objective_stats']) == {'task', 'domain'} and 'scaler' in state
 

@@ -32,7 +32,7 @@ from torch import distributed as dist
 
 from ..archs.prompt import dead_parameter_names
 from ..utils.atomic import atomic_torch_save, atomic_write_json
-from ..utils.checkpoint import load_checkpoint
+from ..utils.checkpoint import NETWORK_KEY, load_checkpoint, plain_options
 from ..utils.registry import register
 from .optim import build_optimizer, build_scheduler, parameter_groups, resolve_parts
 from .prompt_objectives import OBJECTIVE_KEYS, PromptObjectives
@@ -218,10 +218,14 @@ class DATPRLModel(SRModel):
     # ---------------------------------------------------------------- saving and resuming
     @master_only
     def save_network(self, net, net_label, current_iter, param_key='params'):
-        """BasicSR's ``net_<label>_<iter>.pth`` ``{param_key: state_dict}``, written atomically."""
+        """BasicSR's ``net_<label>_<iter>.pth`` ``{param_key: state_dict}`` plus the network's options under
+        :data:`~datprl_arch.utils.checkpoint.NETWORK_KEY` (rebuildable without the option file), written atomically."""
         nets = net if isinstance(net, list) else [net]
         keys = param_key if isinstance(param_key, list) else [param_key]
         state = {key: {k: v.cpu() for k, v in self.get_bare_model(n).state_dict().items()} for n, key in zip(nets, keys)}
+        network_opt = self.opt.get(net_label.replace('net_', 'network_', 1))  # net_g -> network_g
+        if network_opt:
+            state[NETWORK_KEY] = plain_options(network_opt)
         name = 'latest' if current_iter == -1 else current_iter
         atomic_torch_save(state, osp.join(self.opt['path']['models'], f'{net_label}_{name}.pth'))
 

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..utils.atomic import atomic_torch_save
-from ..utils.checkpoint import CheckpointError, _read, extract_state_dict
+from ..utils.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
 
 
 def convert(src: str, dst: str, trust_pickle: bool = False, param_key: Optional[str] = None) -> int:
@@ -30,7 +30,7 @@ def convert(src: str, dst: str, trust_pickle: bool = False, param_key: Optional[
             raise CheckpointError(f'checkpoint {src} does not exist')
         checkpoint = torch.load(src, map_location='cpu', weights_only=False)
     else:
-        checkpoint = _read(src)
+        checkpoint = read_checkpoint(src)
     state_dict = extract_state_dict(checkpoint, param_key, source=src)
     atomic_torch_save({'params': {k: v.contiguous() for k, v in state_dict.items()}}, dst)
     return len(state_dict)

@@ -19,13 +19,17 @@ from torch import nn
 PARAM_KEYS = ('params_ema', 'params')  # BasicSR, in order of preference
 LIGHTNING_KEY, LIGHTNING_PREFIX = 'state_dict', 'net.'
 WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DataParallel/DDP and torch.compile wrappers
+#: Entry of the checkpoints this package saves that holds the network's ``network_g`` options (type and
+#: configuration), so a checkpoint can be rebuilt without its option file (``restore``, ``benchmark``).
+NETWORK_KEY = 'network_g'
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the network."""
 
 
-def _read(path: str) -> Mapping:
+def read_checkpoint(path: str) -> Mapping:
+    """The mapping stored in ``path`` (``.pth``/``.ckpt`` read with ``weights_only=True``, or ``.safetensors``)."""
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path} does not exist')
     if path.endswith('.safetensors'):
@@ -75,6 +79,22 @@ def extract_state_dict(checkpoint: Mapping, param_key: Optional[str] = None,
     return state_dict
 
 
+def plain_options(value):
+    """``value`` with every (ordered) mapping turned into a ``dict`` and tuples into lists: the YAML scalars and
+    containers that ``torch.load(weights_only=True)`` reads back."""
+    if isinstance(value, Mapping):
+        return {str(k): plain_options(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_options(v) for v in value]
+    return value
+
+
+def network_options(checkpoint: Mapping) -> Optional[dict]:
+    """The ``network_g`` options a checkpoint of this package carries (see :data:`NETWORK_KEY`), else None."""
+    options = checkpoint.get(NETWORK_KEY) if isinstance(checkpoint, Mapping) else None
+    return dict(options) if isinstance(options, Mapping) and 'type' in options else None
+
+
 def load_checkpoint(net: nn.Module, path: str, param_key: Optional[str] = None, strict: bool = True) -> nn.Module:
     """Load the weights in ``path`` into ``net`` (unwrapping DataParallel/DDP); returns ``net``.
 
@@ -82,7 +102,7 @@ def load_checkpoint(net: nn.Module, path: str, param_key: Optional[str] = None, 
 
     A mismatch raises ``CheckpointError`` naming the missing and unexpected keys and the shape mismatches.
     """
-    state_dict = extract_state_dict(_read(path), param_key, source=path)
+    state_dict = extract_state_dict(read_checkpoint(path), param_key, source=path)
     net = getattr(net, 'module', net)
     try:
         net.load_state_dict(state_dict, strict=strict)
