@@ -9,6 +9,10 @@ import pytest
 import datprl_arch  # noqa: F401  (first: compatibility fixes, then registration)
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: end-to-end tests in subprocesses (deselect with -m "not slow")')
+
+
 def write_png_pairs(root: str, count: int = 4, size: int = 32, seed: int = 0) -> tuple[str, str]:
     """``count`` smooth random uint8 BGR images ``size`` x ``size`` in ``root/gt``, noisy copies in ``root/lq``."""
     rng = np.random.default_rng(seed)

@@ -102,7 +102,13 @@ def load_checkpoint(net: nn.Module, path: str, param_key: Optional[str] = None, 
 
     A mismatch raises ``CheckpointError`` naming the missing and unexpected keys and the shape mismatches.
     """
-    state_dict = extract_state_dict(read_checkpoint(path), param_key, source=path)
+    return load_weights(net, extract_state_dict(read_checkpoint(path), param_key, source=path), path, strict)
+
+
+def load_weights(net: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                 strict: bool = True) -> nn.Module:
+    """``net.load_state_dict`` (unwrapping DataParallel/DDP) whose mismatch raises ``CheckpointError`` naming the
+    missing and unexpected keys and the shape mismatches; ``source`` names the checkpoint. Returns ``net``."""
     net = getattr(net, 'module', net)
     try:
         net.load_state_dict(state_dict, strict=strict)
@@ -111,7 +117,7 @@ def load_checkpoint(net: nn.Module, path: str, param_key: Optional[str] = None, 
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
         raise CheckpointError(
-            f'{path} does not fit {type(net).__name__}: {len(missing)} missing keys {missing[:8]}, '
+            f'{source} does not fit {type(net).__name__}: {len(missing)} missing keys {missing[:8]}, '
             f'{len(unexpected)} unexpected keys {unexpected[:8]}. Check that network_g matches the configuration '
             f'the checkpoint was trained with. ({str(err).splitlines()[-1].strip()})') from err
     return net

@@ -4,11 +4,16 @@ A backbone network mixes in ``PromptSystem``, builds its own layers, then calls 
 prompt parameters follow the backbone's in the state_dict, as in official checkpoints). In ``forward`` it calls
 ``compose_prompt(stem, deep)`` once and hands the returned prompt to every prompted block. The last retrieval is kept
 in ``prompt_state`` for the prompt-pool losses and analysis, so the BasicSR ``forward(x)`` signature is unchanged.
+
+For inference on parts of an image (tiles), ``compute_prompt(x)`` returns the prompt of a whole image without
+running the decoder, and ``with net.fixed_prompt(prompt): net(tile)`` makes every forward in the block use that
+prompt instead of retrieving one from its own input; outside the block nothing changes.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -55,6 +60,10 @@ class PromptState:
     domain: Optional[PoolOutput] = None
 
 
+class _PromptComposed(Exception):
+    """Ends a forward as soon as its prompt is composed (raised for :meth:`PromptSystem.compute_prompt`)."""
+
+
 class PromptSystem(nn.Module):
     """Mixin for networks with a task prompt pool and an optional domain prompt pool.
 
@@ -65,6 +74,9 @@ class PromptSystem(nn.Module):
 
     prompt_state: Optional[PromptState] = None
     prompt_members: tuple[str, ...] = ()  # attributes that belong to the prompt system (see prompt_parameter_names)
+    prompt_width: Optional[int] = None  # composed prompt width P; None until build_prompt_system (use_prompt=False)
+    _fixed_prompt: Optional[torch.Tensor] = None  # set inside fixed_prompt()
+    _stop_after_prompt = False  # set inside compute_prompt()
 
     def build_prompt_system(self, stem_channels: int, deep_channels: int, task: PoolSpec,
                             domain: Optional[PoolSpec], value_num_tokens: int,
@@ -91,7 +103,18 @@ class PromptSystem(nn.Module):
         return self.prompt_width
 
     def compose_prompt(self, stem: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
-        """stem ``[B, Cs, H, W]``, deep ``[B, Cd, h, w]`` -> domain-aware task prompt ``[B, P]``."""
+        """stem ``[B, Cs, H, W]``, deep ``[B, Cd, h, w]`` -> domain-aware task prompt ``[B, P]``.
+
+        Inside :meth:`fixed_prompt` the given prompt is returned (``prompt_state`` is left as it was)."""
+        if self._fixed_prompt is not None and not self._stop_after_prompt:
+            return self._fixed_prompt.expand(stem.shape[0], -1)
+        prompt = self._retrieve_prompt(stem, deep)
+        if self._stop_after_prompt:
+            raise _PromptComposed
+        return prompt
+
+    def _retrieve_prompt(self, stem: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
+        """Queries, both pools and their composition; records ``prompt_state``; returns the prompt ``[B, P]``."""
         task_query = self.degradation_mapper(deep)
         task = self.degradation_prompt_pool(task_query)
         if self.composition is None:
@@ -106,3 +129,35 @@ class PromptSystem(nn.Module):
             prompt = fused + self.prompt_fusion_ffn(fused)
         self.prompt_state = PromptState(task_query, task, prompt, domain_query, domain)
         return prompt
+
+    def _check_has_prompts(self) -> None:
+        if self.prompt_width is None:
+            raise ValueError(f'{type(self).__name__} was built without its prompt system (use_prompt: false)')
+
+    def compute_prompt(self, x: torch.Tensor) -> torch.Tensor:
+        """Image ``[B, C, H, W]`` -> the prompt ``[B, P]`` that ``forward(x)`` composes, also left in
+        ``prompt_state``. The forward stops right after the retrieval: the decoder is not run."""
+        self._check_has_prompts()
+        self._stop_after_prompt = True
+        try:
+            self(x)
+        except _PromptComposed:
+            return self.prompt_state.prompt
+        finally:
+            self._stop_after_prompt = False
+        raise RuntimeError(f'{type(self).__name__}.forward never called compose_prompt')
+
+    @contextmanager
+    def fixed_prompt(self, prompt: torch.Tensor) -> Iterator[PromptSystem]:
+        """Within the block every forward uses ``prompt`` ``[1, P]`` (shared by the batch) or ``[B, P]`` instead of
+        retrieving one from its own input, e.g. each tile of an image under the whole image's prompt
+        (from :meth:`compute_prompt`). For inference: ``prompt_state`` is not updated, so no prompt-pool loss sees
+        these forwards."""
+        self._check_has_prompts()
+        if prompt.ndim != 2 or prompt.shape[1] != self.prompt_width:
+            raise ValueError(f'a fixed prompt must have shape [B, {self.prompt_width}], got {list(prompt.shape)}')
+        previous, self._fixed_prompt = self._fixed_prompt, prompt
+        try:
+            yield self
+        finally:
+            self._fixed_prompt = previous

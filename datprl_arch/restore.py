@@ -1,0 +1,79 @@
+"""Restore your own images with a trained checkpoint.
+
+    python -m datprl_arch.restore --ckpt experiments/NAME/models/net_g_latest.pth INPUT OUTPUT
+    python -m datprl_arch.restore --ckpt official.pth --opt options/test/FILE.yml photos/ restored/ --tile 512
+
+INPUT is an image or a folder (PNG, TIFF, JPEG; 8/16-bit; gray or colour), OUTPUT a file or a folder; outputs keep
+the input's name, bit depth and channels. The library is :mod:`datprl_arch.inference.restore`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+import datprl_arch  # noqa: F401  (compatibility fixes and registration, before basicsr)
+from basicsr.utils import get_root_logger
+from datprl_arch.inference.restore import (AMP_DTYPES, DEFAULT_TILE_OVERLAP, MAX_PIXELS_PER_FORWARD, RestoreError,
+                                           load_restorer, plan_jobs, restore_files)
+from datprl_arch.options import OptionFileError
+from datprl_arch.utils.checkpoint import CheckpointError
+
+PROG = 'datprl-restore'
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected an integer, got {text!r}') from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f'expected an integer >= {minimum}, got {value}')
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description='Restore images with a trained DATPRL checkpoint.')
+    parser.add_argument('input', metavar='INPUT', help='an image or a folder of images (PNG, TIFF, JPEG)')
+    parser.add_argument('output', metavar='OUTPUT', help='an image file, or a folder (created) for the results')
+    parser.add_argument('--ckpt', required=True, help='checkpoint (.pth, .ckpt or .safetensors)')
+    parser.add_argument('--opt', help='option file whose network_g describes the network (for checkpoints that '
+                        'do not carry network_g, e.g. official ones)')
+    parser.add_argument('--param-key', help='weights entry of the checkpoint (default: params_ema, else params)')
+    parser.add_argument('--device', help='cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)')
+    parser.add_argument('--amp', choices=sorted(AMP_DTYPES), help='mixed precision on CUDA')
+    parser.add_argument('--tile', type=_int_at_least(1), metavar='N', help='restore images whose longer side '
+                        'exceeds N in N x N tiles (default: only images above --max-pixels are tiled)')
+    parser.add_argument('--tile-overlap', type=_int_at_least(0), default=DEFAULT_TILE_OVERLAP, metavar='M',
+                        help=f'overlap of neighbouring tiles in pixels (default {DEFAULT_TILE_OVERLAP})')
+    parser.add_argument('--max-pixels', type=_int_at_least(1), default=MAX_PIXELS_PER_FORWARD, metavar='P',
+                        help='without --tile, images above P pixels are restored in tiles of about sqrt(P) '
+                        f'(default {MAX_PIXELS_PER_FORWARD})')
+    parser.add_argument('--quiet', action='store_true', help='no progress bar and no information messages')
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console script ``datprl-restore``: exit status 0, or 1 when an image failed; a bad request ends with its
+    message (exit status 1), no traceback."""
+    args = build_parser().parse_args(argv)
+    get_root_logger().setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        jobs = plan_jobs(args.input, args.output)
+        restorer = load_restorer(args.ckpt, args.opt, args.param_key, args.device, args.amp, args.tile,
+                                 args.tile_overlap, args.max_pixels)
+    except (RestoreError, CheckpointError, OptionFileError) as err:
+        sys.exit(f'{PROG}: error: {err}')
+    failures = restore_files(restorer, jobs, progress=not args.quiet)
+    if failures:
+        sys.stderr.write(f'{PROG}: {len(failures)} of {len(jobs)} images failed:\n'
+                         + ''.join(f'  {message}\n' for message in failures))
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Restoring users' images: tiling and blending, the shared whole-image prompt, and the datprl-restore command."""
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from basicsr.archs import build_network
+from basicsr.utils import get_root_logger, img2tensor
+from datprl_arch.archs.prompt import PromptedBlock
+from datprl_arch.data.image_io import ImageFormat, tensor_to_stored
+from datprl_arch.inference.restore import Restorer
+from datprl_arch.inference.tiling import SEAM_MARGIN_FRACTION, blend_weights, plan_tiles, tiled_apply
+from datprl_arch.restore import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(type='DATPRLRestormer', dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1],
+            refine_blk_num=1, heads=[1, 2, 4, 8], domain_pool_size=6, degradation_pool_size=7, domain_prompt_dim=32,
+            degradation_prompt_dim=32, domain_top_k=3, degradation_top_k=2, value_num_tokens=2)
+TINY_NAF = dict(type='DATPRLNAFNet', width=8, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1],
+                domain_pool_size=6, degradation_pool_size=7, domain_prompt_dim=32, degradation_prompt_dim=32,
+                domain_top_k=3, degradation_top_k=2, value_num_tokens=2)
+TINY_RESTORMER = dict(type='Restormer', dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1)
+CONV_LAYERS = 3  # three 3x3 convolutions: receptive-field radius 3
+
+
+def tiny(config, seed=0):
+    torch.manual_seed(seed)
+    return build_network(dict(config)).eval()
+
+
+def conv_net(channels=2):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(CONV_LAYERS):
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.Tanh()]
+    return nn.Sequential(*layers).eval()
+
+
+# ------------------------------------------------------------------------------------------------ blending
+@pytest.mark.parametrize('height, width, tile, overlap', [
+    (5, 7, 16, 4),  # image smaller than a tile
+    (37, 50, 16, 4),  # sides not a multiple of the stride
+    (64, 64, 16, 0),
+    (33, 100, 24, 12),
+    (20, 19, 8, 7),  # stride 1
+    (1, 1, 1, 0),
+])
+def test_blend_weights_sum_to_one(height, width, tile, overlap):
+    total = torch.zeros(height, width, dtype=torch.float64)
+    for t, weight in blend_weights(height, width, tile, overlap):
+        assert (t.height, t.width) == (min(tile, height), min(tile, width))
+        assert t.top + t.height <= height and t.left + t.width <= width
+        assert weight.shape == (t.height, t.width) and (weight >= 0).all()
+        total[t.rows, t.cols] += weight
+    assert (total - 1).abs().max() < 1e-6
+
+
+def test_seam_margin_is_discarded_and_borders_kept():
+    (first, w0), (second, w1) = blend_weights(10, 24, 16, 8)  # one row of two tiles overlapping by 8
+    margin = int(8 * SEAM_MARGIN_FRACTION)
+    assert (first.left, second.left) == (0, 8) and margin == 2
+    assert (w0[:, -margin:] == 0).all() and (w1[:, :margin] == 0).all()  # the tile edges lack context
+    assert (w0[:, :8 + margin] == 1).all() and (w1[:, 8 - margin:] == 1).all()  # borders, interiors: one tile
+    band0, band1 = w0[:, 8 + margin:16 - margin], w1[:, margin:8 - margin]
+    assert ((band0 > 0) & (band0 < 1)).all() and torch.allclose(band0 + band1, torch.ones_like(band0))
+    assert (band0[:, 1:] < band0[:, :-1]).all()  # a smooth ramp, not a hard seam
+
+
+def test_tiled_conv_net_matches_untiled():
+    net, x = conv_net(), torch.rand(1, 2, 45, 53)
+    with torch.no_grad():
+        full = net(x)
+        exact = tiled_apply(net, x, tile=16, overlap=4 * CONV_LAYERS)  # margin overlap/4 >= the radius
+        seamed = tiled_apply(net, x, tile=24, overlap=4)
+    assert (exact - full).abs().max() < 1e-6
+    assert (seamed - full).abs().max() > 1e-3  # a margin of 1 < radius 3: the seams show
+    far = torch.ones(45, 53, dtype=torch.bool)  # pixels farther than the radius from every inner tile edge
+    for t in plan_tiles(45, 53, 24, 4):
+        for edge in (t.top, t.top + t.height):
+            if 0 < edge < 45:
+                far[max(0, edge - CONV_LAYERS):edge + CONV_LAYERS] = False
+        for edge in (t.left, t.left + t.width):
+            if 0 < edge < 53:
+                far[:, max(0, edge - CONV_LAYERS):edge + CONV_LAYERS] = False
+    assert far.float().mean() > 0.25
+    assert (seamed - full)[..., far].abs().max() < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def record_block_prompts(net):
+    """Every prompt a prompted block receives, in call order."""
+    seen = []
+
+    def hook(module, args):
+        if len(args) > 1 and args[1] is not None:
+            seen.append(args[1].detach().clone())
+
+    for module in net.modules():
+        if isinstance(module, PromptedBlock):
+            module.register_forward_pre_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize('config', [TINY, TINY_NAF], ids=['restormer', 'nafnet'])
+def test_every_tile_gets_the_whole_image_prompt(config):
+    net, x = tiny(config), torch.rand(1, 3, 40, 48)
+    with torch.no_grad():
+        whole = net.compute_prompt(x)
+        net(x)
+        assert torch.equal(net.prompt_state.prompt, whole)  # what an untiled forward uses
+        own = net.compute_prompt(x[..., :16, :16])
+    assert (own - whole).abs().max() > 1e-4  # a tile alone would retrieve another prompt
+    seen = record_block_prompts(net)
+    restorer = Restorer(net, torch.device('cpu'), tile=16, overlap=8)
+    out, side = restorer(x)
+    tiles = plan_tiles(40, 48, 16, 8)
+    blocks = sum(isinstance(m, PromptedBlock) and m.prompt_members != () for m in net.modules())
+    assert side == 16 and out.shape == x.shape and len(tiles) == 20
+    assert len(seen) == len(tiles) * blocks
+    for prompt in seen:
+        assert torch.equal(prompt, whole)
+
+
+def test_fixed_prompt_changes_nothing_else():
+    net, x = tiny(TINY), torch.rand(2, 3, 24, 16)
+    with torch.no_grad():
+        plain = net(x)
+        state = net.prompt_state
+        with net.fixed_prompt(net.compute_prompt(x)):
+            fixed = net(x)
+        assert net.prompt_state.prompt.shape == (2, net.prompt_width)
+        assert torch.allclose(fixed, plain, atol=1e-6)
+        after = net(x[:1])  # retrieval again after the block
+    assert net.prompt_state is not state and net.prompt_state.prompt.shape[0] == 1
+    assert torch.allclose(after, plain[:1], atol=1e-6)
+    with pytest.raises(ValueError, match=r'shape \[B, 32\]'):
+        with net.fixed_prompt(torch.zeros(1, 5)):
+            pass
+    with pytest.raises(ValueError, match='without its prompt system'):
+        tiny(dict(TINY, use_prompt=False)).compute_prompt(x)
+
+
+def test_compute_prompt_skips_the_decoder_and_large_images_use_a_view():
+    net = tiny(TINY)
+    decoded, inputs = [], []
+    net.refinement[0].register_forward_pre_hook(lambda m, a: decoded.append(1))
+    net.register_forward_pre_hook(lambda m, a: inputs.append(a[0].shape[-2:]))
+    restorer = Restorer(net, torch.device('cpu'), overlap=8, max_pixels=1024)
+    assert restorer.auto_tile == 32
+    out, side = restorer(torch.rand(1, 3, 40, 96))
+    assert side == 32 and out.shape == (1, 3, 40, 96)
+    view = inputs[0]
+    assert view[0] * view[1] <= 1024 and view[1] < 96  # the prompt's view, downscaled to the pixel bound
+    assert len(decoded) == len(inputs) - 1 == len(plan_tiles(40, 96, 32, 8))  # no decoder for the prompt
+
+
+# ------------------------------------------------------------------------------------------------ the command
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A tiny DATPRLRestormer saved as DATPRLModel.save_network does; ``params`` are decoys, so a result made
+    with them would not match."""
+    ema, decoy = tiny(TINY, seed=0), tiny(TINY, seed=1)
+    path = tmp_path / 'net_g_latest.pth'
+    torch.save({'params': decoy.state_dict(), 'params_ema': ema.state_dict(), 'network_g': dict(TINY)}, path)
+    return str(path), ema
+
+
+def expected(net, stored, fmt):
+    """What restoring ``stored`` (BGR, HxW or HxWxC) with ``net`` must give, computed directly."""
+    img = stored.astype(np.float32) / (255 if stored.dtype == np.uint8 else 65535)
+    img = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
+    with torch.no_grad():
+        return tensor_to_stored(net(img2tensor(img, bgr2rgb=True, float32=True)[None]), fmt)
+
+
+def smooth_image(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((shape[0] // 8, shape[1] // 8) + shape[2:]).astype(np.float32)
+    img = cv2.resize(coarse, shape[1::-1], interpolation=cv2.INTER_LINEAR).reshape(shape)
+    return (img * np.iinfo(dtype).max).round().astype(dtype)
+
+
+def read(path):
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+
+
+@pytest.fixture
+def log_records():
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = get_root_logger()
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def test_restore_8bit_colour_png(tmp_path, checkpoint, capsys):
+    ckpt, ema = checkpoint
+    img = smooth_image((40, 48, 3), np.uint8)
+    cv2.imwrite(str(tmp_path / 'photo.png'), img)
+    assert main(['--ckpt', ckpt, str(tmp_path / 'photo.png'), str(tmp_path / 'out') + '/']) == 0
+    out = read(tmp_path / 'out' / 'photo.png')
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    assert np.array_equal(out, expected(ema, img, ImageFormat(8, 3)))  # params_ema, RGB order, 8-bit
+    assert '100%' in capsys.readouterr().err  # the progress bar
+
+
+def test_restore_16bit_gray_png(tmp_path, checkpoint, capsys):
+    ckpt, ema = checkpoint
+    img = smooth_image((32, 40), np.uint16)
+    cv2.imwrite(str(tmp_path / 'slice.png'), img)
+    assert main(['--ckpt', ckpt, '--quiet', str(tmp_path / 'slice.png'), str(tmp_path / 'restored.png')]) == 0
+    out = read(tmp_path / 'restored.png')
+    assert out.dtype == np.uint16 and out.shape == img.shape
+    assert np.array_equal(out, expected(ema, img, ImageFormat(16, 1)))
+    assert capsys.readouterr().err == ''  # --quiet: no progress bar
+    assert main(['--ckpt', ckpt, '--quiet', str(tmp_path / 'slice.png'), str(tmp_path / 'restored.jpg')]) == 1
+    assert ".jpg cannot store the 16-bit image" in capsys.readouterr().err
+    assert not (tmp_path / 'restored.jpg').exists()
+
+
+def folder_digest(folder):
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in sorted(os.listdir(folder))}
+
+
+def test_restore_folder_keeps_names_skips_corrupt_files_and_tiles_large_images(tmp_path, checkpoint, capsys,
+                                                                               log_records):
+    ckpt, _ = checkpoint
+    src = tmp_path / 'in'
+    src.mkdir()
+    cv2.imwrite(str(src / 'a.png'), smooth_image((24, 32, 3), np.uint8))
+    cv2.imwrite(str(src / 'b.tif'), smooth_image((32, 24), np.uint16))
+    cv2.imwrite(str(src / 'large.png'), smooth_image((72, 80, 3), np.uint8))
+    (src / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n not really')
+    (src / 'notes.txt').write_text('not an image')
+    before = folder_digest(src)
+    code = main(['--ckpt', ckpt, '--quiet', '--max-pixels', '2048', '--tile-overlap', '8', str(src),
+                 str(tmp_path / 'out')])
+    assert code == 1
+    assert folder_digest(src) == before
+    assert sorted(os.listdir(tmp_path / 'out')) == ['a.png', 'b.tif', 'large.png']
+    assert read(tmp_path / 'out' / 'b.tif').dtype == np.uint16 and read(tmp_path / 'out' / 'b.tif').shape == (32, 24)
+    assert read(tmp_path / 'out' / 'large.png').shape == (72, 80, 3)
+    err = capsys.readouterr().err
+    assert '1 of 4 images failed' in err and 'broken.png: not a readable image' in err and 'Traceback' not in err
+    tiled = [r.getMessage() for r in log_records if 'tiles of' in r.getMessage()]
+    assert len(tiled) == 0  # --quiet hides information messages
+    assert main(['--ckpt', ckpt, '--max-pixels', '2048', '--tile-overlap', '8', str(src / 'large.png'),
+                 str(tmp_path / 'again') + '/']) == 0
+    tiled = [r.getMessage() for r in log_records if 'tiles of' in r.getMessage()]
+    assert len(tiled) == 1 and 'large.png: 72x80 restored in 6 tiles of 40 pixels' in tiled[0]
+    assert np.array_equal(read(tmp_path / 'again' / 'large.png'), read(tmp_path / 'out' / 'large.png'))
+
+
+def test_restore_never_overwrites_its_inputs(tmp_path, checkpoint):
+    ckpt, _ = checkpoint
+    cv2.imwrite(str(tmp_path / 'a.png'), smooth_image((16, 16, 3), np.uint8))
+    before = folder_digest(tmp_path)
+    with pytest.raises(SystemExit, match='is the INPUT folder'):
+        main(['--ckpt', ckpt, str(tmp_path), str(tmp_path)])
+    with pytest.raises(SystemExit, match='a.png is an input file'):
+        main(['--ckpt', ckpt, str(tmp_path / 'a.png'), str(tmp_path)])
+    assert folder_digest(tmp_path) == before
+
+
+def test_official_checkpoint_needs_opt(tmp_path):
+    net = tiny(TINY_RESTORMER)
+    ckpt = str(tmp_path / 'official.pth')
+    torch.save({'params': net.state_dict()}, ckpt)
+    cv2.imwrite(str(tmp_path / 'a.png'), smooth_image((40, 24, 3), np.uint8))
+    with pytest.raises(SystemExit) as exit_info:
+        main(['--ckpt', ckpt, str(tmp_path / 'a.png'), str(tmp_path / 'out') + '/'])
+    assert str(exit_info.value).startswith('datprl-restore: error: ')
+    assert "no 'network_g' entry" in str(exit_info.value) and '--opt FILE.yml' in str(exit_info.value)
+    opt = tmp_path / 'test.yml'
+    opt.write_text(yaml.safe_dump({'name': 'x', 'network_g': TINY_RESTORMER}))
+    assert main(['--ckpt', ckpt, '--opt', str(opt), '--tile', '16', '--tile-overlap', '4', '--quiet',
+                 str(tmp_path / 'a.png'), str(tmp_path / 'out') + '/']) == 0  # a network without prompts, tiled
+    assert read(tmp_path / 'out' / 'a.png').shape == (40, 24, 3)
+    opt.write_text(yaml.safe_dump({'name': 'x'}))
+    with pytest.raises(SystemExit, match='has no network_g'):
+        main(['--ckpt', ckpt, '--opt', str(opt), str(tmp_path / 'a.png'), str(tmp_path / 'out') + '/'])
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--param-key', 'params_x'], "no weights entry 'params_x'"),
+    (['--tile', '16', '--tile-overlap', '16'], r'overlap must be in \[0, tile size 16\)'),
+    (['--device', 'gpu0'], "device 'gpu0' is not a device name"),
+])
+def test_bad_options_end_with_one_message(tmp_path, checkpoint, flags, message):
+    ckpt, _ = checkpoint
+    cv2.imwrite(str(tmp_path / 'a.png'), smooth_image((16, 16, 3), np.uint8))
+    with pytest.raises(SystemExit, match=message):
+        main(['--ckpt', ckpt, *flags, str(tmp_path / 'a.png'), str(tmp_path / 'out') + '/'])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the refusal is for machines without CUDA')
+def test_amp_is_refused_without_cuda(tmp_path, checkpoint):
+    cv2.imwrite(str(tmp_path / 'a.png'), smooth_image((16, 16, 3), np.uint8))
+    with pytest.raises(SystemExit, match='amp bf16 needs a CUDA device'):
+        main(['--ckpt', checkpoint[0], '--amp', 'bf16', str(tmp_path), str(tmp_path / 'out')])
+
+
+def test_bad_flag_values_are_argparse_errors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(['--ckpt', 'x.pth', '--tile', '0', 'in', 'out'])
+    assert exit_info.value.code == 2 and 'argument --tile: expected an integer >= 1, got 0' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_console_command_ends_with_one_message(tmp_path):
+    cv2.imwrite(str(tmp_path / 'a.jpg'), smooth_image((24, 24, 3), np.uint8))
+    missing = str(tmp_path / 'none.pth')
+    done = subprocess.run([sys.executable, '-m', 'datprl_arch.restore', '--ckpt', missing, str(tmp_path / 'a.jpg'),
+                           str(tmp_path / 'out') + '/'], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1'), timeout=120)
+    assert done.returncode == 1 and 'Traceback' not in done.stderr
+    assert done.stderr.strip().splitlines() == [f'datprl-restore: error: checkpoint {missing} does not exist']
+    assert not (tmp_path / 'out').exists()
