@@ -24,7 +24,7 @@ $(STAMP): setup.py $(wildcard requirements/*.txt)
 	touch $@
 
 $(MD_MINI)/manifest.json: $(STAMP)
-	$(PY) -m datprl_arch.data.mini --out $(MD_MINI)
+	$(PY) -m datprl_arch.mdmini --out $(MD_MINI)
 
 # template descriptions encoded by the deterministic stand-in encoder (docs/method.md: CLIP RN50 for real training)
 $(MD_MINI)/texts.pt: $(MD_MINI)/manifest.json

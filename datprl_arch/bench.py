@@ -150,8 +150,9 @@ def main(argv=None) -> None:
         parser.error('--device cuda: no CUDA device is visible')
 
     if args.data:
-        from .data import mini, throughput
-        mini.build(args.data_root)
+        from .data import throughput
+        from .mdmini import build
+        build(args.data_root)
         _emit('data loading on MD-Mini: samples/s at 128x128 crops')
         _emit(throughput.table(throughput.measure(args.data_root)) + '\n')
     if args.skip_networks:

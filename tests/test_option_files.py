@@ -410,7 +410,7 @@ def test_training_source_names_find_their_text_embeddings(path):
 
 
 def test_a_broken_option_file_is_reported_with_its_name(tmp_path, monkeypatch, one_thread):
-    text = open(os.path.join(ROOT, 'options/train/md_mini_datprl.yml')).read()
+    text = open(os.path.join(ROOT, 'options/demo/md_mini_train.yml')).read()
     bad = tmp_path / 'broken.yml'
     bad.write_text(text.replace('  grad_clip: 1.0\n', '  grad_clip: 1.0\n  prompt_diversty_weight: 1.0\n'))
     with pytest.raises(AssertionError, match=r'broken\.yml: ValueError: unknown key\(s\) \[\'prompt_diversty_weight'):

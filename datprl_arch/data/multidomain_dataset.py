@@ -22,7 +22,11 @@ Options (the dataset entry of a BasicSR option file)::
         descriptions: ~             # JSON {image name: text}
         mode: paired                # or noise: no dataroot_lq; LQ = GT + N(0, sigma/255), fresh per training crop
         sigma: ~                    # mode noise: std on the 0-255 scale (e.g. 15, 25, 50)
+                                    # or synth: no dataroot_lq; LQ = a degradation of the GT, fresh per training crop
+        degradation: ~              # mode synth: {type: rain, length: [8, 40], ...} (datprl_arch.data.degradations)
     gt_size: 128                    # training crop (GT pixels)
+    photometric: ~                  # synth/noise sources: GT jitter before degrading, e.g. {brightness: 0.1,
+                                    #   contrast: 0.15, gamma: 0.2, saturation: 0.2} (largest relative changes)
     use_hflip: true
     use_rot: true
     channels: 3                     # channels the network sees: gray is replicated, colour converted to luma
@@ -59,6 +63,7 @@ from torchvision.transforms.functional import normalize
 
 from datprl_arch.utils.registry import register
 
+from .degradations import DEGRADATIONS, SR_SCALE, degrade
 from .image_io import DTYPE_RANGE, NETWORK_CHANNELS, decode_raw, to_channels, to_unit
 from .sampling import SAMPLING_MODES, BalancedSchedule
 from .sources import Problems, Source, build_source, parse_source
@@ -75,6 +80,42 @@ NOISE_SCALE = 255.0
 NOISE_EVAL_SEED = 2026
 #: Seeds are folded into this range (numpy seed sequences take non-negative integers).
 SEED_MASK = (1 << 63) - 1
+#: Photometric jitter of synthesised training crops: the accepted keys (largest relative change of each).
+PHOTOMETRIC_KEYS = ('brightness', 'contrast', 'gamma', 'saturation')
+
+
+def photometric_jitter(img: np.ndarray, rng: np.random.Generator, brightness: float = 0.0, contrast: float = 0.0,
+                       gamma: float = 0.0, saturation: float = 0.0) -> np.ndarray:
+    """Random brightness, contrast, gamma and (colour images) saturation change of a float ``(H, W, C)`` image in
+    ``[0, 1]``; each factor is drawn uniformly within ``1 +- value``. Applied to the GT before degrading, so GT and LQ
+    stay consistent."""
+    out = img ** np.float32(rng.uniform(1 - gamma, 1 + gamma))
+    mean = out.mean()
+    out = (out - mean) * np.float32(rng.uniform(1 - contrast, 1 + contrast)) + mean
+    out = out * np.float32(rng.uniform(1 - brightness, 1 + brightness))
+    if out.shape[2] == 3 and saturation:
+        gray = out.mean(axis=2, keepdims=True)
+        out = gray + (out - gray) * np.float32(rng.uniform(1 - saturation, 1 + saturation))
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def synth_crop(gt: np.ndarray, gt_size: int, kind: str, params: dict, rng: np.random.Generator,
+               photometric: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
+    """A random ``gt_size`` training pair synthesised from stored GT pixels ``(H, W, C)``.
+
+    The crop is cut with the degradation's context margin (so blur kernels and streaks see real pixels, not a
+    border), jittered photometrically, degraded with fresh random parameters, then the margin is removed.
+    """
+    h, w = gt.shape[:2]
+    margin = min(DEGRADATIONS[kind].margin, (min(h, w) - gt_size) // 2 // SR_SCALE * SR_SCALE)
+    side = gt_size + 2 * margin
+    top, left = random.randint(0, h - side), random.randint(0, w - side)
+    crop = to_unit(gt[top:top + side, left:left + side])
+    if photometric:
+        crop = photometric_jitter(crop, rng, **photometric)
+    gt_out, lq = degrade(kind, crop, rng, params)
+    inner = (slice(margin, margin + gt_size), slice(margin, margin + gt_size))
+    return gt_out[inner], lq[inner]
 
 
 def add_noise(img: np.ndarray, sigma: float, bit_depth: int, rng: Optional[np.random.Generator]) -> np.ndarray:
@@ -136,6 +177,12 @@ class DATPRLMultiDomainDataset(data.Dataset):
         problems = Problems(name)
         if self.channels not in NETWORK_CHANNELS:
             problems.add('channels', f'channels must be one of {NETWORK_CHANNELS}, got {opt.get("channels")!r}.')
+        photometric = opt.get('photometric') or {}
+        if not isinstance(photometric, dict) or not all(
+                k in PHOTOMETRIC_KEYS and isinstance(v, (int, float)) and 0 <= v < 1 for k, v in photometric.items()):
+            problems.add('photometric', f'photometric must map some of {PHOTOMETRIC_KEYS} to numbers in [0, 1), '
+                         f'got {photometric!r}.')
+        self.photometric = photometric
         if opt.get('sampling', 'balanced') not in SAMPLING_MODES:
             problems.add('sampling', f'sampling must be one of {SAMPLING_MODES}, got {opt.get("sampling")!r}.')
         entries = opt.get('datasets')
@@ -222,7 +269,7 @@ class DATPRLMultiDomainDataset(data.Dataset):
         pair = src.pairs[item]
         client = self._client(source_idx)
         gt, gt_fmt = decode_raw(client.get(pair.gt, 'gt'), f'[{src.name}] GT {pair.gt}')
-        if src.noise_sigma:  # the LQ is made from the (cropped) GT below
+        if src.generated:  # the LQ is made from the (cropped) GT below
             lq, lq_fmt = gt, gt_fmt
         else:
             lq, lq_fmt = decode_raw(client.get(pair.lq, 'lq'), f'[{src.name}] LQ {pair.lq}')
@@ -230,16 +277,25 @@ class DATPRLMultiDomainDataset(data.Dataset):
         gt = gt[:lq.shape[0] * s, :lq.shape[1] * s]
         if self.train:  # crop the stored pixels first: converting the whole image would be wasted work
             gt_size = int(self.opt['gt_size'])
-            if src.upsample_lq and s > 1:
+            if src.degradation is not None:
+                gt, lq = synth_crop(gt, gt_size, src.degradation['type'], src.degradation_params,
+                                    np.random.default_rng(random.getrandbits(63)), self.photometric)
+            elif src.upsample_lq and s > 1:
                 gt, lq = crop_upsampled(gt, lq, gt_size, s)
             else:
                 gt, lq = paired_random_crop(gt, lq, gt_size, s, pair.gt)
                 gt, lq = to_unit(gt), to_unit(lq)
+                if src.noise_sigma and self.photometric:
+                    gt = lq = photometric_jitter(gt, np.random.default_rng(random.getrandbits(63)), **self.photometric)
             gt, lq = to_channels(gt, self.channels), to_channels(lq, self.channels)
             gt, lq = augment([gt, lq], self.opt.get('use_hflip', False), self.opt.get('use_rot', False))
             gt, lq = gt.reshape(gt.shape[0], gt.shape[1], -1), lq.reshape(lq.shape[0], lq.shape[1], -1)
         else:
-            gt, lq = to_channels(to_unit(gt), self.channels), to_channels(to_unit(lq), self.channels)
+            gt, lq = to_unit(gt), to_unit(lq)
+            if src.degradation is not None:  # repeatable per item, like the noise of 'noise' sources
+                gt, lq = degrade(src.degradation['type'], gt, np.random.default_rng(
+                    (NOISE_EVAL_SEED, source_idx, item)), src.degradation_params)
+            gt, lq = to_channels(gt, self.channels), to_channels(lq, self.channels)
             if src.upsample_lq and s > 1:
                 lq = upsample(lq, s)
         if src.noise_sigma:

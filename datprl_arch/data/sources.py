@@ -22,11 +22,15 @@ from .lmdb_env import existing_keys
 
 #: Keys a source entry may carry; anything else is reported as a probable typo.
 SOURCE_KEYS = ('name', 'domain', 'task', 'dataroot_gt', 'dataroot_lq', 'io_backend', 'meta_info_file',
-               'filename_tmpl', 'augment_factor', 'weight', 'descriptions', 'scale', 'upsample_lq', 'mode', 'sigma')
+               'filename_tmpl', 'augment_factor', 'weight', 'descriptions', 'scale', 'upsample_lq', 'mode', 'sigma',
+               'degradation')
 #: Keys every source must give.
 REQUIRED_KEYS = ('name', 'dataroot_gt', 'dataroot_lq')
-#: How a source gets its LQ: from LQ files (``paired``) or as GT plus Gaussian noise of std ``sigma``/255 (``noise``).
-SOURCE_MODES = ('paired', 'noise')
+#: How a source gets its LQ: from LQ files (``paired``), as GT plus Gaussian noise of std ``sigma``/255 (``noise``),
+#: or synthesised from the GT by a registered degradation with random parameters (``synth``, see ``degradations``).
+SOURCE_MODES = ('paired', 'noise', 'synth')
+#: Modes whose LQ is made from the GT when an item is loaded (no LQ files).
+GENERATED_MODES = ('noise', 'synth')
 #: Storage backends a source can use.
 BACKENDS = ('disk', 'lmdb')
 #: File suffixes treated as images when scanning folders (lower case).
@@ -90,6 +94,17 @@ class Source:
     upsample_lq: bool = False
     descriptions: dict = dataclasses.field(default_factory=dict)
     noise_sigma: Optional[float] = None  # mode 'noise': LQ = GT + N(0, (sigma/255)^2)
+    degradation: Optional[dict] = None  # mode 'synth': {'type': name, **parameters} of datprl_arch.data.degradations
+
+    @property
+    def generated(self) -> bool:
+        """True when the LQ is made from the GT at load time (modes ``noise`` and ``synth``)."""
+        return bool(self.noise_sigma) or self.degradation is not None
+
+    @property
+    def degradation_params(self) -> dict:
+        """Parameters of the ``synth`` degradation (its mapping without ``type``)."""
+        return {k: v for k, v in (self.degradation or {}).items() if k != 'type'}
 
     @property
     def out_scale(self) -> int:
@@ -133,8 +148,8 @@ def parse_source(opt: dict, index: int, problems: Problems, official: bool) -> O
             ok = False
     mode = opt.get('mode', 'paired')
     required = REQUIRED_KEYS if official else REQUIRED_KEYS + ('domain', 'task')
-    if mode == 'noise':
-        required = tuple(k for k in required if k != 'dataroot_lq') + ('sigma',)
+    if mode in GENERATED_MODES:
+        required = tuple(k for k in required if k != 'dataroot_lq') + ({'noise': 'sigma', 'synth': 'degradation'}[mode],)
     for key in required:
         if key not in opt:
             problems.add(label, f"missing key '{key}' (each source needs {', '.join(required)}).")
@@ -156,9 +171,21 @@ def parse_source(opt: dict, index: int, problems: Problems, official: bool) -> O
             problems.add(label, f'{key} must be a positive {kind.__name__}, got {value!r}.')
             ok = False
     if mode not in SOURCE_MODES:
-        problems.add(label, f"mode {mode!r} is not supported; use 'paired' (LQ/GT folders) or 'noise' (LQ = GT + "
-                     'Gaussian noise of std sigma on the 0-255 scale, drawn afresh for every training crop).')
+        problems.add(label, f"mode {mode!r} is not supported; use 'paired' (LQ/GT folders), 'noise' (LQ = GT + "
+                     "Gaussian noise of std sigma on the 0-255 scale, drawn afresh for every training crop) or 'synth' "
+                     '(LQ = a degradation of the GT with random parameters, see datprl_arch/data/degradations.py).')
         ok = False
+    elif mode == 'synth' and 'degradation' in opt:
+        spec = opt['degradation']
+        if not isinstance(spec, dict) or 'type' not in spec:
+            problems.add(label, f'degradation must be a mapping with a type (e.g. {{type: rain, length: [8, 40]}}), '
+                         f'got {spec!r}.')
+            ok = False
+        else:
+            from .degradations import check_params
+            for message in check_params(spec['type'], {k: v for k, v in spec.items() if k != 'type'}):
+                problems.add(label, message)
+                ok = False
     elif mode == 'noise' and 'sigma' in opt:
         try:
             parsed['sigma'] = float(opt['sigma'])
@@ -322,7 +349,7 @@ def build_source(opt: dict, problems: Problems, crop: Optional[int], verify: boo
     """Discover and validate the pairs of one parsed source entry (see :func:`parse_source`)."""
     name = opt['name']
     io_opt = opt['io_backend']
-    noise = opt.get('mode') == 'noise'  # every GT image pairs with itself; the LQ is made when it is loaded
+    noise = opt.get('mode') in GENERATED_MODES  # every GT image pairs with itself; the LQ is made when it is loaded
     tmpl = '{}' if noise else opt.get('filename_tmpl', '{}')
     gt_root = str(opt['dataroot_gt'])
     lq_root = gt_root if noise else str(opt['dataroot_lq'])
@@ -337,7 +364,9 @@ def build_source(opt: dict, problems: Problems, crop: Optional[int], verify: boo
         name=name, domain=str(opt.get('domain', defaults['domain'])), task=str(opt.get('task', name)),
         dataroot_gt=gt_root, dataroot_lq=lq_root, backend=io_opt['type'], io_opt=io_opt, pairs=pairs,
         augment_factor=opt['augment_factor'], weight=opt['weight'], scale=opt['scale'],
-        upsample_lq=bool(opt.get('upsample_lq', False)), descriptions=descriptions, noise_sigma=opt.get('sigma'))
+        upsample_lq=bool(opt.get('upsample_lq', False)), descriptions=descriptions,
+        noise_sigma=opt.get('sigma') if opt.get('mode') == 'noise' else None,
+        degradation=dict(opt['degradation']) if opt.get('mode') == 'synth' else None)
     if pairs and not any(p.startswith(f'[{name}]') for p in problems.items):
         _check_sizes(source, crop, verify, problems)
     return source

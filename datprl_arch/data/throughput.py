@@ -3,7 +3,7 @@
     python -m datprl_arch.data.throughput [--root datasets/md_mini] [--batches 30]
 
 Each row runs BasicSR's ``EnlargedSampler`` + ``build_dataloader`` with the MD-Mini training sources (balanced
-batches of one sample per source, ``gt_size`` crops) and times ``batches`` batches after one warm-up batch (worker
+batches, ``gt_size`` crops, LQ synthesised per crop) and times ``batches`` batches after one warm-up batch (worker
 start-up excluded), best of :data:`REPEATS` rounds.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def train_options(root: str, backend: str, workers: int, gt_size: int = GT_SIZE)
     with open(osp.join(root, 'options_train.yml')) as f:
         opt = copy.deepcopy(yaml.safe_load(f)['datasets']['train'])
     for src in opt['datasets']:
-        for side in ('dataroot_gt', 'dataroot_lq'):
+        for side in (k for k in ('dataroot_gt', 'dataroot_lq') if k in src):  # synth sources have GT only
             base = src[side][:-len('.lmdb')] if src[side].endswith('.lmdb') else src[side]
             src[side] = base + ('.lmdb' if backend == 'lmdb' else '')
         src['io_backend'] = {'type': backend}
@@ -86,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from basicsr.utils import get_root_logger
 
-    from .mini import DEFAULT_OUT, build
+    from ..mdmini import DEFAULT_OUT, build
 
     parser = argparse.ArgumentParser(prog='python -m datprl_arch.data.throughput', description=__doc__.split('\n\n')[0])
     parser.add_argument('--root', default=DEFAULT_OUT, help='MD-Mini folder (built if missing)')

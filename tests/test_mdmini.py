@@ -1,0 +1,178 @@
+"""MD-Mini: pools, split by source image, fixed val/test pairs, the unseen check, fragments, safe overwrites."""
+import json
+import os
+import os.path as osp
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import datprl_arch  # noqa: F401
+from basicsr.data import build_dataloader, build_dataset
+from basicsr.data.data_sampler import EnlargedSampler
+from datprl_arch import mdmini
+from datprl_arch.data.sources import read_lmdb_meta
+from datprl_arch.mdmini.build import DEFAULT_LIMIT, remove_stale_builds
+from datprl_arch.mdmini.split import HELD_OUT_IMAGES
+
+EVERY = mdmini.TASKS + mdmini.CLEAN_TASKS
+
+
+@pytest.fixture(scope='module')
+def built(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('md') / 'md_mini')
+    return out, mdmini.build(out, seed=0)
+
+
+def _high_frequency_energy(img):
+    """Spectral energy outside the central half of the frequencies (per channel, summed)."""
+    spectrum = np.abs(np.fft.fftshift(np.fft.fft2(img.reshape(img.shape[0], img.shape[1], -1), axes=(0, 1)),
+                                      axes=(0, 1))) ** 2
+    h, w = img.shape[:2]
+    spectrum[h // 4:h - h // 4, w // 4:w - w // 4] = 0
+    return spectrum.sum()
+
+
+def _overlap(a, b):
+    (ay, ax, ah, aw), (by, bx, bh, bw) = a, b
+    return ay < by + bh and by < ay + ah and ax < bx + bw and bx < ax + aw
+
+
+def test_every_source_has_enough_val_and_test_pairs_and_every_pool_training_blocks(built):
+    out, manifest = built
+    assert sorted(manifest['sources']) == sorted(t.name for t in EVERY)
+    for task in EVERY:
+        for split in ('val', 'test'):
+            folder = osp.join(out, task.name, split)
+            names = sorted(read_lmdb_meta(osp.join(folder, 'lq.lmdb')))
+            assert len(names) >= HELD_OUT_IMAGES[split] and names == sorted(read_lmdb_meta(osp.join(folder, 'gt.lmdb')))
+            assert sorted(os.listdir(osp.join(folder, 'gt'))) == [n + '.png' for n in names]
+    for pool, record in manifest['pools'].items():
+        assert 2 <= len(record['train']) <= DEFAULT_LIMIT, pool
+        assert sorted(read_lmdb_meta(osp.join(out, 'train', pool, 'gt.lmdb'))) == sorted(
+            b['name'] for b in record['train'])
+    for name, record in manifest['unseen'].items():
+        assert record['images'] == HELD_OUT_IMAGES['test'], name
+        assert len(read_lmdb_meta(osp.join(out, 'unseen', name, 'lq.lmdb'))) == record['images']
+
+
+def test_no_held_out_block_shares_an_image_or_pixels_with_training(built):
+    _, manifest = built
+    for pool, record in manifest['pools'].items():
+        train = record['train']
+        for held in ('val', 'test'):
+            for block in record[held]:
+                for other in train:
+                    assert block['parent'] != other['parent'], pool
+                    assert not (block['original'] == other['original'] and _overlap(block['box'], other['box']))
+        assert not {b['parent'] for b in record['val']} & {b['parent'] for b in record['test']}
+    used = {b['original'] for record in manifest['pools'].values() for split in record.values() for b in split}
+    unseen = {b['original'] for record in manifest['unseen'].values() for b in record['blocks']}
+    assert unseen and not used & unseen  # the out-of-sample check uses images MD-Mini never uses
+
+
+def test_medical_is_16bit_gray_and_others_8bit_colour(built):
+    out, _ = built
+    for task in EVERY:
+        folder = osp.join(out, task.name, 'test', 'gt')
+        img = cv2.imread(osp.join(folder, sorted(os.listdir(folder))[0]), cv2.IMREAD_UNCHANGED)
+        if task.domain == 'medical':
+            assert img.dtype == np.uint16 and img.ndim == 2 and img.max() > 255, task.name
+        else:
+            assert img.dtype == np.uint8 and img.shape[2] == 3, task.name
+
+
+def test_lq_differs_from_gt_as_its_task_says_and_clean_sets_are_identical(built):
+    out, _ = built
+    for task in EVERY:
+        folder = osp.join(out, task.name, 'val')
+        name = sorted(os.listdir(osp.join(folder, 'gt')))[0]
+        gt, lq = (cv2.imread(osp.join(folder, s, name), cv2.IMREAD_UNCHANGED).astype(np.float64) for s in ('gt', 'lq'))
+        error = np.abs(gt - lq).mean() / (65535.0 if task.bit_depth == 16 else 255.0)
+        if task.degradation == 'identity':
+            assert error == 0, task.name
+            continue
+        assert 0.002 < error < 0.5, (task.name, error)
+        if task.task in ('sr4', 'deblur', 'mri_sr4'):  # these remove high frequencies
+            assert _high_frequency_energy(lq) < 0.5 * _high_frequency_energy(gt), task.name
+
+
+def test_descriptions_are_template_labelled_and_cover_every_image(built):
+    out, manifest = built
+    for task in EVERY:
+        data = json.load(open(osp.join(out, task.name, 'descriptions.json')))
+        assert data['__generator__'].startswith('template')
+        names = {b['name'] + '.png' for split in manifest['pools'][task.pool].values() for b in split}
+        assert names <= set(data) and all(data[n].startswith('[template] ') for n in names)
+
+
+def test_option_fragments_build_through_basicsr(built):
+    out, _ = built
+    train_opt, test_opt, unseen_opt = (yaml.safe_load(open(osp.join(out, f'options_{k}.yml')))['datasets']
+                                       for k in ('train', 'test', 'unseen'))
+    assert sorted(test_opt) == sorted(f'test_{t.name}' for t in mdmini.TASKS)
+    assert 'unseen_natural_clean' in unseen_opt and 'unseen_medical_ct_denoise' not in unseen_opt
+    opt = dict(train_opt['train'], phase='train', batch_size_per_gpu=12, num_worker_per_gpu=0, sampling_seed=0)
+    ds = build_dataset(opt)
+    batch = next(iter(build_dataloader(ds, opt, num_gpu=0, sampler=EnlargedSampler(ds, 1, 0, 1), seed=0)))
+    assert set(batch['source'].tolist()) >= set(range(9))  # every degraded source in each batch
+    assert batch['lq'].shape == (12, 3, opt['gt_size'], opt['gt_size']) and torch.isfinite(batch['lq']).all()
+    clean = [i for i, name in enumerate(batch['source_name']) if name.endswith('_clean')]
+    degraded = [i for i, name in enumerate(batch['source_name']) if not name.endswith('_clean')]
+    assert all(torch.equal(batch['lq'][i], batch['gt'][i]) for i in clean)
+    changed = [not torch.equal(batch['lq'][i], batch['gt'][i]) for i in degraded]
+    assert sum(changed) >= len(degraded) - 2  # a small crop may miss every cloud or streak
+    val = build_dataset(dict(train_opt['val_medical_ct_denoise'], phase='val'))
+    item = val[0]
+    assert (item['domain_name'], item['task_name'], item['bit_depth'], item['channels']) == \
+        ('medical', 'ct_denoise', 16, 1)
+    test = build_dataset(dict(unseen_opt['unseen_rs_dehaze'], phase='test'))
+    assert len(test) == HELD_OUT_IMAGES['test'] and torch.is_tensor(test[0]['gt'])
+
+
+def test_reused_refused_and_never_deletes_what_it_did_not_write(built, tmp_path):
+    out, manifest = built
+    stamp = os.path.getmtime(osp.join(out, 'manifest.json'))
+    assert mdmini.build(out, seed=0) == manifest and os.path.getmtime(osp.join(out, 'manifest.json')) == stamp
+    with pytest.raises(mdmini.MiniBuildError, match='pass --overwrite'):
+        mdmini.build(out, seed=5, sources=['natural_derain'])
+    user = tmp_path / 'photos'
+    user.mkdir()
+    (user / 'holiday.jpg').write_bytes(b'mine')
+    for overwrite in (False, True):
+        with pytest.raises(mdmini.MiniBuildError, match='not an MD-Mini build') as err:
+            mdmini.build(str(user), overwrite=overwrite, sources=['natural_derain'])
+        assert 'overwrite' not in str(err.value)
+    assert (user / 'holiday.jpg').read_bytes() == b'mine'
+
+
+def test_overwrite_replaces_only_its_own_build_and_stale_partials_are_removed(tmp_path):
+    out = str(tmp_path / 'md')
+    first = mdmini.build(out, seed=0, sources=['natural_derain'], unseen=False)
+    (tmp_path / 'md' / 'notes.txt').write_text('mine')
+    with pytest.raises(mdmini.MiniBuildError, match='notes.txt') as err:
+        mdmini.build(out, seed=1, sources=['natural_derain'], unseen=False, overwrite=True)
+    assert 'overwrite' not in str(err.value).split('did not write')[1]
+    assert json.load(open(osp.join(out, 'manifest.json'))) == first
+    os.remove(osp.join(out, 'notes.txt'))
+    second = mdmini.build(out, seed=1, sources=['natural_derain'], unseen=False, overwrite=True)
+    assert second['settings']['seed'] == 1 and not [e for e in os.listdir(tmp_path) if '.old-' in e]
+    dead = tmp_path / 'md.partial-999999999'
+    dead.mkdir()
+    assert remove_stale_builds(out) == [str(dead)] and not dead.exists()
+
+
+def test_deterministic_for_a_seed(built, tmp_path):
+    out, _ = built
+    again = str(tmp_path / 'again')
+    mdmini.build(again, seed=0, sources=['natural_derain'], unseen=False)
+    name = sorted(os.listdir(osp.join(again, 'natural_derain', 'test', 'lq')))[0]
+    assert open(osp.join(out, 'natural_derain', 'test', 'lq', name), 'rb').read() == \
+        open(osp.join(again, 'natural_derain', 'test', 'lq', name), 'rb').read()
+
+
+def test_default_build_stays_under_100_mb(built):
+    out, _ = built
+    assert sum(osp.getsize(osp.join(d, f)) for d, _, files in os.walk(out) for f in files) < 100e6
