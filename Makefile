@@ -1,6 +1,8 @@
 # Two commands on a fresh clone (Python 3.11; torch is pinned):
-#   make demo   install once, build MD-Mini, train DATPRL on its 9 tasks (CPU: a few minutes), test it
+#   make demo   install once, build MD-Mini, train DATPRL on its 9 tasks (CPU: about ten minutes), then benchmark
+#               it against the degraded inputs on the 9 test sets and on the unseen check
 #   make test   install once, then run the test suite
+# Also: make demo-ablation (prompt-free backbone, task pool only, full DATPRL; 3 seeds each at the demo's budget).
 # Installation is stamped in $(VENV)/.installed and reruns only when setup.py or requirements/ change.
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -9,7 +11,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 MD_MINI := datasets/md_mini
 
-.PHONY: install demo test clean
+.PHONY: install demo demo-ablation test clean
 
 install: $(STAMP)
 
@@ -32,10 +34,14 @@ $(MD_MINI)/texts.pt: $(MD_MINI)/manifest.json
 
 demo: $(MD_MINI)/texts.pt
 	$(PY) -m datprl_arch.train -opt options/demo/md_mini_train.yml --auto_resume
-	$(PY) -m datprl_arch.test -opt options/demo/md_mini_test.yml
+	$(PY) -m datprl_arch.benchmark -opt options/demo/md_mini_test.yml
+	$(PY) -m datprl_arch.benchmark -opt options/demo/md_mini_unseen.yml
+
+demo-ablation: $(MD_MINI)/texts.pt
+	$(PY) -m datprl_arch.ablation
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(MD_MINI) experiments/datprl_md_mini* results/datprl_md_mini_test*
+	rm -rf $(MD_MINI) experiments/datprl_md_mini* results/datprl_md_mini*

@@ -12,7 +12,7 @@ from datprl_arch.data import degradations as deg
 from datprl_arch.data.multidomain_dataset import DATPRLMultiDomainDataset, photometric_jitter, synth_crop
 from datprl_arch.data.sources import DataSourceError
 from datprl_arch.data.toy import write_pairs
-from datprl_arch.losses.input_weighting import input_error_weights
+from datprl_arch.losses.pixel_weighting import error_weights
 
 KINDS = {'sr': {'kernel': ['bicubic', 'area']}, 'rain': {'length': [8, 30]}, 'motion_blur': {'size': [7, 15]},
          'kspace_sr': {'window': ['box', 'hamming']}, 'ct_low_dose': {'photons': [2e3, 4e3]}, 'low_count': {},
@@ -107,15 +107,15 @@ def test_synth_needs_a_degradation_and_photometric_keys_are_checked(folders):
                                       photometric={'brightnes': 0.1}))
 
 
-def test_input_error_weights_equalise_tasks_in_basicsr_l1():
+def test_error_weights_equalise_tasks_in_basicsr_l1():
     gt = torch.zeros(2, 3, 4, 4)
     lq = torch.stack([torch.full((3, 4, 4), 0.5), torch.full((3, 4, 4), 0.01)])  # a hard and an easy input
-    weights = input_error_weights(lq, gt, floor=0.02)
+    weights = error_weights(lq, gt, floor=0.02)
     assert weights.shape == (2, 1, 4, 4)
     assert torch.allclose(weights[:, 0, 0, 0], torch.tensor([1 / 0.5, 1 / 0.02]))  # the easy one hits the floor
     out = torch.stack([torch.full((3, 4, 4), 0.25), torch.full((3, 4, 4), 0.02)])  # both keep part of the error
     loss = L1Loss()(out, gt, weight=weights)
     expected = (2 * 0.25 + 50 * 0.02) / (2 + 50)
     assert loss.item() == pytest.approx(expected)
-    up = input_error_weights(torch.full((1, 3, 2, 2), 0.1), torch.zeros(1, 3, 4, 4))
+    up = error_weights(torch.full((1, 3, 2, 2), 0.1), torch.zeros(1, 3, 4, 4))
     assert up.shape == (1, 1, 4, 4) and torch.allclose(up, torch.tensor(10.0))

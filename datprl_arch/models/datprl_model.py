@@ -31,7 +31,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch import distributed as dist
 
 from ..archs.prompt import dead_parameter_names
-from ..losses.input_weighting import DEFAULT_FLOOR, PIXEL_WEIGHTINGS, input_error_weights
+from ..losses.pixel_weighting import DEFAULT_FLOOR, PIXEL_WEIGHTINGS, error_weights
 from ..utils.atomic import atomic_torch_save, atomic_write_json
 from ..utils.checkpoint import NETWORK_KEY, load_checkpoint, plain_options
 from ..utils.registry import register
@@ -43,7 +43,8 @@ from .reporting import ValidationReport, write_result_image
 BASICSR_TRAIN_KEYS = ('ema_decay', 'optim_g', 'scheduler', 'total_iter', 'warmup_iter', 'pixel_opt', 'perceptual_opt')
 MODEL_TRAIN_KEYS = ('fft_opt', 'prompt_lr', 'use_amp', 'amp_dtype', 'grad_clip', 'freeze', 'compile',
                     'max_nonfinite_steps', 'enable_prompt_analysis', 'prompt_analysis_freq',
-                    'prompt_analysis_save_path', 'pixel_weighting', 'pixel_weight_floor')
+                    'prompt_analysis_save_path', 'pixel_weighting', 'pixel_weight_floor',
+                    'pixel_weight_power')
 TRAIN_KEYS = BASICSR_TRAIN_KEYS + MODEL_TRAIN_KEYS + OBJECTIVE_KEYS
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 DEFAULT_MAX_NONFINITE = 5  # consecutive non-finite steps tolerated before training stops
@@ -91,6 +92,7 @@ class DATPRLModel(SRModel):
         if self.pixel_weighting not in PIXEL_WEIGHTINGS:
             raise ValueError(f'train.pixel_weighting must be one of {PIXEL_WEIGHTINGS}, got {self.pixel_weighting!r}')
         self.pixel_weight_floor = float(train_opt.get('pixel_weight_floor', DEFAULT_FLOOR))
+        self.pixel_weight_power = float(train_opt.get('pixel_weight_power', 1.0))
         self.max_nonfinite = int(train_opt.get('max_nonfinite_steps', DEFAULT_MAX_NONFINITE))
         self.nonfinite_steps = 0
         self.amp_dtype = None
@@ -140,8 +142,9 @@ class DATPRLModel(SRModel):
         losses = OrderedDict()
         output = self.output.float()
         if self.cri_pix:
-            weight = (input_error_weights(self.lq, self.gt, self.pixel_weight_floor)
-                      if self.pixel_weighting == 'input_error' else None)
+            reference = {'input_error': self.lq, 'output_error': output}.get(self.pixel_weighting)
+            weight = None if reference is None else error_weights(reference, self.gt, self.pixel_weight_floor,
+                                                                     self.pixel_weight_power)
             losses['l_pix'] = self.cri_pix(output, self.gt, weight=weight)
         if self.cri_perceptual:
             percep, style = self.cri_perceptual(output, self.gt)
