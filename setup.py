@@ -42,5 +42,6 @@ setup(
     entry_points={'console_scripts': [
         'datprl-train=datprl_arch.train:main',
         'datprl-test=datprl_arch.test:main',
+        'datprl-benchmark=datprl_arch.benchmark:main',
     ]},
 )
