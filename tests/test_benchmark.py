@@ -305,6 +305,20 @@ def test_runner_upsamples_a_smaller_input_and_says_so(tmp_path):
     assert row['psnr_in'] == pytest.approx(np.mean(expected), rel=1e-12)
 
 
+def test_output_of_the_wrong_size_is_a_clear_error(tmp_path):
+    gt_dir, lq_dir = write_pairs(str(tmp_path / 'same'), count=1, size=(16, 16), seed=7)
+    ckpt = tmp_path / 'none.pth'
+    torch.save({'params': {}, 'network_g': {'type': 'Identity'}}, ckpt)
+    option = dict(name='wrong_scale', model_type='NearestX2TestModel', scale=1,
+                  datasets={'test_same': dict(name='same', type='PairedImageDataset', dataroot_gt=gt_dir,
+                                              dataroot_lq=lq_dir, io_backend={'type': 'disk'})})
+    option_file = tmp_path / 'same.yml'
+    option_file.write_text(yaml.safe_dump(option))
+    with pytest.raises(BenchmarkError, match=r'none.pth on \[same\] img000.png: the output is \(32, 32\), the '
+                                             r'ground truth \(16, 16\)'):
+        run_benchmark(str(option_file), [str(ckpt)], quiet=True, root=str(tmp_path), device='cpu')
+
+
 # ------------------------------------------------------------------ the command end to end
 @pytest.fixture(scope='module')
 def bench_data(tmp_path_factory):

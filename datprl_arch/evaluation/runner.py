@@ -208,9 +208,9 @@ def _build_model(model_opt: dict, info: CheckpointInfo, option_file: str):
     except CheckpointError:
         raise
     except (KeyError, TypeError) as err:
-        raise BenchmarkError(f'{info.path}: network {info.network_opt.get("type")!r} (network_g from the '
-                             f'{info.network_source}{"" if info.network_source == "checkpoint" else " " + option_file}'
-                             f') cannot be built: {err}') from err
+        origin = 'the checkpoint' if info.network_source == 'checkpoint' else f'the option file {option_file}'
+        raise BenchmarkError(f'{info.path}: network {info.network_opt.get("type")!r} (network_g of {origin}) '
+                             f'cannot be built: {err}') from err
 
 
 def _evaluate(model, info: CheckpointInfo, sets, metric_opts, metric_bits: str, first: bool,
@@ -230,6 +230,10 @@ def _evaluate(model, info: CheckpointInfo, sets, metric_opts, metric_bits: str, 
                 model.feed_data(batch)
                 model.test()
                 output, gt = model.output.detach().float().cpu(), batch['gt']
+                if output.shape[-2:] != gt.shape[-2:]:
+                    raise BenchmarkError(f'{info.path} on {where}: the output is {tuple(output.shape[-2:])}, the '
+                                         f'ground truth {tuple(gt.shape[-2:])} (H, W); check the scale of the '
+                                         'network and of the dataset (scale, upsample_lq).')
                 out_scores = score(output, gt, metric_opts, bit_depth, metric_bits, f'{where} (restored)')
                 row.outputs.setdefault(info.label, []).append(out_scores)
                 if first:
