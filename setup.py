@@ -43,5 +43,6 @@ setup(
         'datprl-train=datprl_arch.train:main',
         'datprl-test=datprl_arch.test:main',
         'datprl-restore=datprl_arch.restore:main',
+        'datprl-benchmark=datprl_arch.benchmark:main',
     ]},
 )

@@ -155,10 +155,10 @@ def check_tensorboard(opt: dict, opt_file: str) -> None:
             '`pip install tensorboard`, or set `use_tb_logger: false`.') from None
 
 
-def run_pipeline(pipeline: Callable[[str], None], prog: str) -> None:
-    """Run a BasicSR pipeline rooted at the current directory; a bad option file ends with its message (exit
-    status 1) instead of a traceback."""
+def run_pipeline(pipeline: Callable[[str], None], prog: str, errors: tuple = ()) -> None:
+    """Run a BasicSR pipeline rooted at the current directory; a bad option file (or one of ``errors``, exception
+    types whose message names the file at fault) ends with its message (exit status 1) instead of a traceback."""
     try:
         pipeline(os.getcwd())
-    except OptionFileError as err:
+    except (OptionFileError, *errors) as err:
         sys.exit(f'{prog}: error: {err}')

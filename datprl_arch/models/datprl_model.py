@@ -31,8 +31,9 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch import distributed as dist
 
 from ..archs.prompt import dead_parameter_names
+from ..evaluation.metrics import metric_bits_note, parse_metric_bits, score
 from ..losses.pixel_weighting import DEFAULT_FLOOR, PIXEL_WEIGHTINGS, error_weights
-from ..utils.atomic import atomic_torch_save, atomic_write_json
+from ..utils.atomic import atomic_torch_save
 from ..utils.checkpoint import NETWORK_KEY, load_checkpoint, plain_options
 from ..utils.registry import register
 from .optim import build_optimizer, build_scheduler, parameter_groups, resolve_parts
@@ -61,6 +62,13 @@ class DATPRLModel(SRModel):
     """SRModel with the DATPRL training method; see the module docstring."""
 
     # ---------------------------------------------------------------- setup
+    def __init__(self, opt):
+        #: ``val.metric_bits``: ``native`` (default; 16-bit sets at their stored depth) or ``8`` (BasicSR's
+        #: 8-bit figures); checked before the network is built so a typo does not surface at the first validation.
+        self.metric_bits = parse_metric_bits((opt.get('val') or {}).get('metric_bits'), 'val.metric_bits')
+        self._metric_bits_logged = False
+        super().__init__(opt)
+
     def model_to_device(self, net):
         """Freeze what ``train.freeze`` names and the dead parameters before any DDP wrapping sees the network."""
         if self.opt['num_gpu'] > 1 and not self.opt['dist'] and hasattr(net, 'prompt_members'):
@@ -290,17 +298,27 @@ class DATPRLModel(SRModel):
     def _tested_net(self):
         return self.net_g_ema if hasattr(self, 'net_g_ema') else self.get_bare_model(self.net_g)
 
+    def _log_metric_bits(self) -> None:
+        """State ``val.metric_bits`` in the log, once (at the first validation with metrics)."""
+        if self.opt['val'].get('metrics') and not self._metric_bits_logged:
+            get_root_logger().info(f'Validation metrics (val.metric_bits: {self.metric_bits}): '
+                                   f'{metric_bits_note(self.metric_bits)}')
+            self._metric_bits_logged = True
+
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
         """Metrics of one validation/test set; after the last set of a round, averages over all sets and per
-        domain (and the prompt analysis, when due). Images are written under ``visualization/<set>/`` in the
-        input's bit depth and channels."""
+        domain (and the prompt analysis, when due). 16-bit sets are scored at their native depth unless
+        ``val.metric_bits: 8``; an image whose metric is not finite (SSIM under 11 px) is left out of that
+        metric's mean, with a warning. Images are written under ``visualization/<set>/`` in the input's bit depth
+        and channels."""
         if self.opt['is_train']:  # BasicSR's loop ends past total_iter (one step per remaining epoch): the
             current_iter = min(current_iter, self.opt['train']['total_iter'])  # final validation is of total_iter
         dataset_name = dataloader.dataset.opt['name']
         metric_opts = self.opt['val'].get('metrics') or {}
-        sums = {name: 0.0 for name in metric_opts}
+        self._log_metric_bits()
+        sums, counts = {name: 0.0 for name in metric_opts}, {name: 0 for name in metric_opts}
         analysis = self._analysis_for(current_iter)
-        domain, task, count = dataloader.dataset.opt.get('domain'), dataloader.dataset.opt.get('task'), 0
+        domain, task = dataloader.dataset.opt.get('domain'), dataloader.dataset.opt.get('task')
         for val_data in dataloader:
             self.feed_data(val_data)
             self.test()
@@ -310,20 +328,25 @@ class DATPRLModel(SRModel):
                 analysis.collect(self._tested_net().prompt_state,
                                  {'task': task or dataset_name, 'domain': domain or 'all', 'source': dataset_name})
             result = self.output.detach().cpu()
-            images = {'img': tensor2img([result])}
+            img_name = osp.splitext(osp.basename(val_data['lq_path'][0]))[0]
             if hasattr(self, 'gt'):
-                images['img2'] = tensor2img([self.gt.detach().cpu()])
+                bit_depth = int(val_data['bit_depth'][0]) if 'bit_depth' in val_data else 8
+                values = score(result, self.gt.detach().cpu(), metric_opts, bit_depth, self.metric_bits,
+                               f'[{dataset_name}] {img_name}')
                 del self.gt
-            for name, opt_ in metric_opts.items():
-                sums[name] += calculate_metric(images, dict(opt_))
+            else:  # no-reference metrics (e.g. NIQE) on BasicSR's 8-bit image
+                values = {name: calculate_metric({'img': tensor2img([result])}, dict(opt_))
+                          for name, opt_ in metric_opts.items()}
+            for name, value in values.items():
+                if value is not None:
+                    sums[name] += value
+                    counts[name] += 1
             if save_img:
-                img_name = osp.splitext(osp.basename(val_data['lq_path'][0]))[0]
                 tag = self.opt['val'].get('suffix') or (current_iter if self.opt['is_train'] else self.opt['name'])
                 path = osp.join(self.opt['path']['visualization'], dataset_name, f'{img_name}_{tag}.png')
                 write_result_image(path, result[0], val_data)
-            count += 1
             del self.lq, self.output
-        self.metric_results = {name: total / max(count, 1) for name, total in sums.items()}
+        self.metric_results = {name: sums[name] / counts[name] for name in metric_opts if counts[name]}
         if metric_opts:
             self._initialize_best_metric_results(dataset_name)
             for name, value in self.metric_results.items():

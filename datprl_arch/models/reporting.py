@@ -25,7 +25,11 @@ def write_result_image(path: str, result: torch.Tensor, batch: dict) -> None:
 
 
 def _mean(rows: list[dict]) -> dict:
-    return {name: float(np.mean([r[name] for r in rows])) for name in rows[0]} if rows else {}
+    """Per metric, the mean over the rows that have it (a set can lack a metric no image of it had, e.g. SSIM of
+    images under 11 px)."""
+    names = dict.fromkeys(name for row in rows for name in row)
+    means = {name: [row[name] for row in rows if row.get(name) is not None] for name in names}
+    return {name: float(np.mean(values)) for name, values in means.items() if values}
 
 
 class ValidationReport:

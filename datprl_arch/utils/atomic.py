@@ -6,7 +6,9 @@ complete and loadable.
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -40,11 +42,24 @@ def atomic_write_bytes(data: bytes, path: str) -> None:
     _atomic(path, write)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-inf) replaced by None, mappings as dicts, tuples as lists: what
+    strict JSON can hold (Python's ``json`` would write bare ``NaN``, which other readers reject)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}  # insertion order kept
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(obj: Any, path: str) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
+    """Write ``obj`` as indented, strict JSON (non-finite floats become null, see :func:`json_safe`), atomically."""
+    safe = json_safe(obj)
 
     def write(tmp):
         with open(tmp, 'w', encoding='utf-8') as f:
-            json.dump(obj, f, indent=2)
+            json.dump(safe, f, indent=2, allow_nan=False)
 
     _atomic(path, write)
