@@ -32,7 +32,3 @@ def write_png_pairs(root: str, count: int = 4, size: int = 32, seed: int = 0) ->
 def png_pairs(tmp_path):
     """Folders ``(gt, lq)`` with four 32x32 PNG pairs of the same names."""
     return write_png_pairs(str(tmp_path / 'pairs'))
-
-
-def pytest_configure(config):
-    config.addinivalue_line('markers', 'slow: end-to-end runs in subprocesses (deselect with -m "not slow")')

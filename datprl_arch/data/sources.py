@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import os.path as osp
 import re
 from typing import Optional
@@ -149,7 +148,8 @@ def parse_source(opt: dict, index: int, problems: Problems, official: bool) -> O
     mode = opt.get('mode', 'paired')
     required = REQUIRED_KEYS if official else REQUIRED_KEYS + ('domain', 'task')
     if mode in GENERATED_MODES:
-        required = tuple(k for k in required if k != 'dataroot_lq') + ({'noise': 'sigma', 'synth': 'degradation'}[mode],)
+        generator_key = {'noise': 'sigma', 'synth': 'degradation'}[mode]
+        required = tuple(k for k in required if k != 'dataroot_lq') + (generator_key,)
     for key in required:
         if key not in opt:
             problems.add(label, f"missing key '{key}' (each source needs {', '.join(required)}).")

@@ -166,7 +166,8 @@ def _write_fragments(tmp: str, out: str, tasks, unseen, seed: int) -> None:
                   f'# Paste this `datasets:` block into a BasicSR option file; paths are relative to the directory\n'
                   f'# the runner is started from.\n')
         with open(osp.join(tmp, f'options_{kind}.yml'), 'w') as f:
-            f.write(header + yaml.dump({'datasets': body}, Dumper=Dumper, sort_keys=False, default_flow_style=None, width=110))
+            f.write(header + yaml.dump({'datasets': body}, Dumper=Dumper, sort_keys=False, default_flow_style=None,
+                                       width=110))
 
 
 # ----------------------------------------------------------------------------------------------------------- build

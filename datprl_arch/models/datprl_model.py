@@ -151,8 +151,8 @@ class DATPRLModel(SRModel):
         output = self.output.float()
         if self.cri_pix:
             reference = {'input_error': self.lq, 'output_error': output}.get(self.pixel_weighting)
-            weight = None if reference is None else error_weights(reference, self.gt, self.pixel_weight_floor,
-                                                                     self.pixel_weight_power)
+            weight = None if reference is None else error_weights(
+                reference, self.gt, self.pixel_weight_floor, self.pixel_weight_power)
             losses['l_pix'] = self.cri_pix(output, self.gt, weight=weight)
         if self.cri_perceptual:
             percep, style = self.cri_perceptual(output, self.gt)
