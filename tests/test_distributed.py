@@ -144,8 +144,9 @@ opt, _ = basicsr.train.parse_options(os.getcwd(), is_train=True)
 total = torch.tensor([opt['rank'] + 1.0])
 dist.all_reduce(total)
 env = {k: os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
+timeout = dist.distributed_c10d._get_default_group()._get_backend(torch.device('cpu')).options._timeout
 print(json.dumps(dict(env, rank=opt['rank'], world_size=opt['world_size'], backend=dist.get_backend(),
-                      total=total.item())))
+                      total=total.item(), timeout_s=timeout.total_seconds())))
 dist.destroy_process_group()
 '''
 
@@ -163,7 +164,7 @@ def test_two_slurm_tasks_join_one_gloo_group_with_basicsr_dist_params(tmp_path):
     port = free_port()
     opt_file = tmp_path / 'slurm.yml'
     opt_file.write_text(yaml.safe_dump(dict(name='slurm', num_gpu='auto', manual_seed=0, datasets={}, path={},
-                                            dist_params=dict(backend='nccl', port=port))))
+                                            dist_params=dict(backend='nccl', port=port, timeout=5400))))
     path = fake_scontrol(tmp_path / 'bin') + os.pathsep + os.environ['PATH']
     tasks = [subprocess.Popen([sys.executable, '-c', SLURM_TASK, '-opt', str(opt_file), '--launcher', 'slurm'],
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -177,7 +178,8 @@ def test_two_slurm_tasks_join_one_gloo_group_with_basicsr_dist_params(tmp_path):
     reports = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
     for r, report in enumerate(reports):
         assert report == dict(RANK=str(r), WORLD_SIZE='2', LOCAL_RANK=str(r), MASTER_ADDR='127.0.0.1',
-                              MASTER_PORT=str(port), rank=r, world_size=2, backend='gloo', total=3.0)
+                              MASTER_PORT=str(port), rank=r, world_size=2, backend='gloo', total=3.0,
+                              timeout_s=5400.0)
 
 
 def test_local_rank_flag_of_torch_distributed_launch_is_dropped(monkeypatch):
