@@ -89,7 +89,6 @@ class DATPRLModel(SRModel):
     def init_training_settings(self):
         train_opt = self.opt['train']
         check_train_keys(train_opt)
-        logger = get_root_logger()
         self.objectives = PromptObjectives(train_opt, self.opt, self.get_bare_model(self.net_g)).to(self.device)
         if self.opt['dist']:  # the alignment head lives outside DDP: start every rank from rank 0's values
             for param in self.objectives.parameters():
