@@ -45,3 +45,9 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(MD_MINI) experiments/datprl_md_mini* results/datprl_md_mini*
+
+# on a CUDA machine (about ten minutes): demo training in bf16 and fp16, torchrun auto-resume, bench, the test suite;
+# figures in results/gpu_check/<date_time>/figures.md (scripts/gpu_check.sh --dry-run shows the commands)
+.PHONY: gpu-check
+gpu-check: $(MD_MINI)/texts.pt
+	PYTHON=$(PY) scripts/gpu_check.sh

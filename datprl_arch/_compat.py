@@ -13,13 +13,15 @@ the one it replaced as ``.basicsr_original``. Problem numbers refer to docs/comp
 - P19 and option safety: ``parse_options`` of ``basicsr.train`` / ``basicsr.test`` reads option files with a safe
   loader and checks ``num_gpu`` and ``use_tb_logger`` against the machine (``datprl_arch.options``).
 - P12 distributed training assumes CUDA: ``init_dist`` (as ``parse_options`` calls it) picks nccl or gloo and works
-  on CPU for torchrun and slurm; ``BaseModel.model_to_device`` wraps CPU networks in DDP without ``device_ids``.
+  on CPU for torchrun and slurm, with a process-group timeout long enough for rank-0 validation
+  (``dist_params.timeout``); ``BaseModel.model_to_device`` wraps CPU networks in DDP without ``device_ids``.
 - P20 the epoch count ignores ``drop_last``, so runs end before ``total_iter``: epochs are counted from the batches
   an epoch really has, and a dataset too small for one batch per rank is an error.
 - P26 a resumed run restarts its epoch's data order: the sampler skips the batches used before the save.
 """
 from __future__ import annotations
 
+import datetime
 import itertools
 import math
 import os
@@ -203,6 +205,10 @@ TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 SLURM_ENV = ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST')
 #: torch.distributed's default rendezvous port, as in basicsr.
 DEFAULT_MASTER_PORT = 29500
+#: Process-group timeout (seconds) without ``dist_params.timeout``. Rank 0 validates and saves alone while the other
+#: ranks wait in their next collective; nccl's own default (10 minutes) would abort a job whose validation round takes
+#: longer (natural-5T validates, among others, 1,111 HD GoPro frames). A real hang is reported after this long.
+DEFAULT_DIST_TIMEOUT_S = 2 * 3600
 
 
 def dist_backend(requested: str | None = None) -> str:
@@ -267,12 +273,33 @@ def _export_slurm_env(port: int | None) -> None:
     os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', str(proc_id % max(torch.cuda.device_count(), 1)))
 
 
-def _set_cuda_device() -> None:
-    """Bind this process to GPU ``LOCAL_RANK`` (torchrun and srun export it; else ``RANK`` modulo the GPUs)."""
+def dist_timeout(seconds=None) -> datetime.timedelta:
+    """``dist_params.timeout`` (seconds, a number > 0; default ``DEFAULT_DIST_TIMEOUT_S``) as the timedelta
+    ``init_process_group`` wants; a bad value raises ``OptionFileError``."""
+    from .options import OptionFileError
+
+    if seconds is None:
+        seconds = DEFAULT_DIST_TIMEOUT_S
+    if isinstance(seconds, datetime.timedelta):
+        return seconds
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
+        raise OptionFileError(f'dist_params.timeout: {seconds!r} is not valid; give the process-group timeout in '
+                              f'seconds, a number > 0 (default {DEFAULT_DIST_TIMEOUT_S}), e.g. '
+                              '`dist_params: {timeout: 7200}`.')
+    return datetime.timedelta(seconds=seconds)
+
+
+def _set_cuda_device(slurm: bool = False) -> None:
+    """Bind this process to GPU ``LOCAL_RANK`` (torchrun and srun export it; else ``RANK`` modulo the GPUs).
+
+    A Slurm task that sees a single GPU (``--gpus-per-task=1``, per-task binding) takes it whatever its
+    ``SLURM_LOCALID``: basicsr's ``proc_id % num_gpus``."""
     import torch
 
     count = torch.cuda.device_count()
     local_rank = int(os.environ.get('LOCAL_RANK', int(os.environ['RANK']) % count))
+    if local_rank >= count and slurm and count == 1:
+        local_rank = int(os.environ['RANK']) % count
     if local_rank >= count:
         raise RuntimeError(f'local rank {local_rank} has no GPU: {count} CUDA device(s) are visible '
                            f'(CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES")!r}); start at most {count} '
@@ -294,17 +321,19 @@ def init_dist(launcher: str, backend: str | None = None, port: int | None = None
     - ``slurm``: srun's (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_NODELIST``, ``SLURM_LOCALID``), see
       ``_export_slurm_env``.
 
-    ``kwargs`` go to ``torch.distributed.init_process_group``. Like basicsr, the multiprocessing start method
-    becomes ``spawn`` unless one was chosen.
+    ``kwargs`` go to ``torch.distributed.init_process_group``; ``timeout`` (``dist_params.timeout``, seconds, also
+    read from the ``-opt`` file for torchrun) defaults to ``DEFAULT_DIST_TIMEOUT_S``, see ``dist_timeout``. Like
+    basicsr, the multiprocessing start method becomes ``spawn`` unless one was chosen.
     """
     import torch
     import torch.multiprocessing as mp
     from torch import distributed as dist
 
     if launcher == 'pytorch':
-        if backend is None:
-            from .options import command_line_dist_backend
-            backend = command_line_dist_backend()
+        from .options import command_line_dist_params
+        file_params = command_line_dist_params()
+        backend = file_params.get('backend') if backend is None else backend
+        kwargs.setdefault('timeout', file_params.get('timeout'))
         if 'init_method' not in kwargs:
             _require_env(TORCHRUN_ENV, 'pytorch', 'start the processes with torchrun, e.g. '
                          '`torchrun --nproc_per_node=2 -m datprl_arch.train -opt FILE.yml --launcher pytorch`.')
@@ -317,8 +346,9 @@ def init_dist(launcher: str, backend: str | None = None, port: int | None = None
     if cpu_only and backend in (None, 'nccl'):
         backend = 'gloo'
     backend = dist_backend(backend)
+    kwargs['timeout'] = dist_timeout(kwargs.get('timeout'))
     if torch.cuda.is_available() and not cpu_only:
-        _set_cuda_device()
+        _set_cuda_device(slurm=launcher == 'slurm')
     if mp.get_start_method(allow_none=True) is None:
         mp.set_start_method('spawn')
     dist.init_process_group(backend=backend, **kwargs)

@@ -36,16 +36,52 @@ CONFIGS = {
 IMPLS = {'official': dict(literal=True), 'datprl': {}, 'datprl-lean': dict(lean=True)}
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 MIB = 2**20
+NATIVE_BF16_CAPABILITY = 8  # CUDA compute capability from which bf16 runs natively (Ampere); V100/T4 emulate it
+
+
+def use_device(device: torch.device) -> None:
+    """Make ``device`` the current CUDA device (``--device cuda:N``) and tune convolutions for the measured shapes,
+    as BasicSR's train and test pipelines do (``cudnn.benchmark``); nothing for the CPU."""
+    if device.type != 'cuda':
+        return
+    if device.index is not None:
+        torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak CUDA memory allocated on ``device`` since ``reset_peak_memory``; on the CPU, the process's peak RSS."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / MIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def bf16_notice(device: torch.device) -> str | None:
+    """A note for ``--amp bf16`` on a GPU without native bf16 (compute capability < 8: V100, T4), else None."""
+    if device.type != 'cuda' or torch.version.hip:
+        return None
+    if torch.cuda.get_device_capability(device)[0] >= NATIVE_BF16_CAPABILITY:
+        return None
+    return (f'note: {torch.cuda.get_device_name(device)} ({device}) has no native bf16: --amp bf16 is emulated and '
+            'slow on it; --amp fp16 measures its fast path')
 
 
 def _median_seconds(fn, warmup: int, repeats: int, device: torch.device) -> float:
     def timed():
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
+        _synchronize(device)
         start = time.perf_counter()
         fn()
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
+        _synchronize(device)
         return time.perf_counter() - start
 
     for _ in range(warmup):
@@ -68,11 +104,12 @@ def measure(config: dict, impl: dict, args: argparse.Namespace, eval_shape, trai
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
+    use_device(device)
     net = build_network(dict(config, **impl)).to(device)
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    if args.compile:
-        net.compile()
+    if args.compile:  # static shapes: Inductor's dynamic-shape lowering fails on the Restormer (restormer_arch)
+        net.compile(dynamic=False)
     autocast = (torch.autocast(device.type, dtype=AMP_DTYPES[args.amp]) if AMP_DTYPES[args.amp]
                 else nullcontext())
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -81,8 +118,7 @@ def measure(config: dict, impl: dict, args: argparse.Namespace, eval_shape, trai
     net.eval()
     if flops:
         row['gflops'] = _gflops(net, x)
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)
     with torch.no_grad(), autocast:
         row['eval_ms'] = 1e3 * _median_seconds(lambda: net(x), args.warmup, args.repeats, device)
     net.train()
@@ -96,10 +132,7 @@ def measure(config: dict, impl: dict, args: argparse.Namespace, eval_shape, trai
         loss.backward()
 
     row['train_ms'] = 1e3 * _median_seconds(step, args.warmup, args.repeats, device)
-    if device.type == 'cuda':
-        row['peak_mib'] = torch.cuda.max_memory_allocated() / MIB
-    else:
-        row['peak_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    row['peak_mib'] = peak_memory_mib(device)
     return row
 
 
@@ -128,7 +161,7 @@ def _table(header, rows):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--device', default='cpu', help='cpu or cuda')
+    parser.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N')
     parser.add_argument('--amp', default='none', choices=AMP_DTYPES, help='autocast dtype (CUDA; bf16 also on CPU)')
     parser.add_argument('--threads', type=int, default=torch.get_num_threads(), help='CPU threads')
     parser.add_argument('--configs', nargs='+', default=list(CONFIGS), choices=CONFIGS)
@@ -146,8 +179,15 @@ def main(argv=None) -> None:
     parser.add_argument('--skip-networks', action='store_true', help='skip the network tables')
     parser.add_argument('--speedup-only', action='store_true', help='only the official-vs-ours table at spec sizes')
     args = parser.parse_args(argv)
-    if args.device.startswith('cuda') and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f'--device {args.device!r}: expected cpu, cuda or cuda:N')
+    if device.type == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is visible')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f'--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) are visible')
+    notice = bf16_notice(device) if args.amp == 'bf16' else None
 
     if args.data:
         from .data import throughput
@@ -161,6 +201,8 @@ def main(argv=None) -> None:
     train_shape = (args.train_batch, 3, args.train_size, args.train_size)
     _emit(f'device {args.device}, amp {args.amp}, threads {args.threads}, torch {torch.__version__}, '
           f'median of {args.repeats} after {args.warmup} warm-up')
+    if notice:
+        _emit(notice)
     if not args.speedup_only:
         jobs = [(CONFIGS[c], IMPLS[i], eval_shape, train_shape, True) for c in args.configs for i in args.impls]
         rows = [[c, i, f"{r['params']:.2f}", f"{r['gflops']:.1f}", f"{r['eval_ms']:.0f}", f"{r['train_ms']:.0f}",

@@ -108,19 +108,24 @@ def command_line_num_gpu():
     return _command_line_options()[1].get('num_gpu')
 
 
-def command_line_dist_backend() -> str | None:
-    """``dist_params.backend`` of the ``-opt`` file on the command line, or None (no file, no such key).
+def command_line_dist_params() -> dict:
+    """``dist_params`` of the ``-opt`` file on the command line (``{}`` without a file or the key).
 
     basicsr's ``parse_options`` hands ``dist_params`` to ``init_dist`` only for ``--launcher slurm``; the
-    replacement ``init_dist`` asks here so that torchrun runs honour it too."""
+    replacement ``init_dist`` asks here so that torchrun runs honour ``backend`` and ``timeout`` too."""
     path, opt = _command_line_options()
     if path is None:
-        return None
+        return {}
     dist_params = opt.get('dist_params') or {}
     if not isinstance(dist_params, dict):
         raise OptionFileError(f'{path}: dist_params must be a mapping (backend: ..., port: ...), '
                               f'found {dist_params!r}.')
-    return dist_params.get('backend')
+    return dict(dist_params)
+
+
+def command_line_dist_backend() -> str | None:
+    """``dist_params.backend`` of the ``-opt`` file on the command line, or None (no file, no such key)."""
+    return command_line_dist_params().get('backend')
 
 
 def _check_exists(path: str | None) -> None:

@@ -219,6 +219,23 @@ def test_prompt_state_exposes_the_retrieval():
     assert torch.allclose(state.task.weights.sum(-1), torch.ones(2))
 
 
+def test_pool_similarities_ranking_and_logits_are_float32_under_autocast():
+    from datprl_arch.archs.prompt.pool import PromptPool
+    torch.manual_seed(0)
+    pool = PromptPool(pool_size=6, prompt_dim=16, top_k=3, value_num_tokens=2).eval()
+    query = torch.randn(5, 16)
+    with torch.no_grad():
+        reference = pool(query)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            mixed = pool(query)
+    assert mixed.logits.dtype == mixed.weights.dtype == torch.float32
+    assert torch.equal(mixed.logits, reference.logits) and torch.equal(mixed.indices, reference.indices)
+    net = build_network(dict(TINY)).train()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        net(torch.rand(2, 3, 16, 16))
+    assert net.prompt_state.task.logits.dtype == net.prompt_state.domain.logits.dtype == torch.float32
+
+
 @pytest.mark.parametrize('change,message', [
     (dict(prompt_fusion_method='sum'), "prompt_fusion_method must be one of"),
     (dict(fusion_method='add'), "fusion_method must be one of"),

@@ -1,4 +1,5 @@
 """datprl_arch._compat: each basicsr 1.4.2 breakage is shown with basicsr's own code, then shown fixed."""
+import datetime
 import importlib
 import json
 import os
@@ -501,4 +502,53 @@ def test_p12_num_gpu_0_trains_on_the_cpu_with_gloo_on_a_gpu_machine(clean_dist_e
     clean_dist_env.setenv('MASTER_ADDR', '127.0.0.1')
     clean_dist_env.setenv('MASTER_PORT', '29555')
     _compat.init_dist('pytorch')
-    assert calls == [{'backend': 'gloo'}]
+    assert calls == [{'backend': 'gloo', 'timeout': datetime.timedelta(seconds=_compat.DEFAULT_DIST_TIMEOUT_S)}]
+
+
+@pytest.fixture
+def captured_init(clean_dist_env):
+    """``init_process_group`` records its keywords instead of starting a group; pytest's start method is kept."""
+    from torch import distributed as dist
+    calls = []
+    clean_dist_env.setattr(dist, 'init_process_group', lambda **kw: calls.append(kw))
+    clean_dist_env.setattr(torch.multiprocessing, 'set_start_method', lambda method: None)
+    return calls
+
+
+def test_p12_process_group_timeout_comes_from_dist_params_for_torchrun_and_slurm(clean_dist_env, captured_init,
+                                                                                 tmp_path):
+    from torch.distributed.constants import default_pg_nccl_timeout
+    assert datetime.timedelta(seconds=_compat.DEFAULT_DIST_TIMEOUT_S) > default_pg_nccl_timeout  # 10 min
+    clean_dist_env.setattr(torch.cuda, 'is_available', lambda: False)
+    for name, value in dict(RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT='29555').items():
+        clean_dist_env.setenv(name, value)
+    opt_file = tmp_path / 'x.yml'
+    clean_dist_env.setattr(sys, 'argv', ['train.py', '-opt', str(opt_file), '--launcher', 'pytorch'])
+    opt_file.write_text('name: x\ndist_params: {backend: gloo, timeout: 5400}\n')
+    _compat.init_dist('pytorch')  # basicsr passes torchrun runs no dist_params: read from the -opt file
+    opt_file.write_text('name: x\n')
+    _compat.init_dist('pytorch')
+    for name, value in dict(SLURM_PROCID='0', SLURM_NTASKS='1', SLURM_NODELIST='n1').items():
+        clean_dist_env.setenv(name, value)
+    _compat.init_dist('slurm', backend='gloo', port=29556, timeout=7200)  # basicsr: init_dist(**dist_params)
+    assert [call['timeout'] for call in captured_init] == [
+        datetime.timedelta(seconds=5400), datetime.timedelta(seconds=_compat.DEFAULT_DIST_TIMEOUT_S),
+        datetime.timedelta(seconds=7200)]
+    for bad in ('2h', 0, True):
+        with pytest.raises(options.OptionFileError, match=re.escape(
+                f'dist_params.timeout: {bad!r} is not valid; give the process-group timeout in seconds, a number > 0')):
+            _compat.init_dist('slurm', backend='gloo', timeout=bad)
+
+
+def test_p12_slurm_task_bound_to_one_gpu_takes_it_whatever_its_local_id(clean_dist_env, captured_init):
+    chosen = []
+    clean_dist_env.setattr(torch.cuda, 'is_available', lambda: True)
+    clean_dist_env.setattr(torch.cuda, 'device_count', lambda: 1)
+    clean_dist_env.setattr(torch.cuda, 'set_device', chosen.append)
+    for name, value in dict(SLURM_PROCID='3', SLURM_LOCALID='3', SLURM_NTASKS='4', SLURM_NODELIST='n1',
+                            MASTER_ADDR='127.0.0.1').items():  # srun --gpus-per-task=1: task 3 sees one GPU
+        clean_dist_env.setenv(name, value)
+    _compat.init_dist('slurm', backend='gloo')
+    assert chosen == [0] and len(captured_init) == 1
+    with pytest.raises(RuntimeError, match=re.escape('local rank 3 has no GPU: 1 CUDA device(s) are visible')):
+        _compat._set_cuda_device()  # torchrun with more processes than GPUs stays an error

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 TESTS = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(TESTS, 'ddp_worker.py')
 RANKS = 2
+BATCH_PER_RANK = 2
 SUBPROCESS_TIMEOUT_S = 300
 NCCL_FALLBACK = "dist_params.backend: 'nccl' cannot run on this machine (no CUDA device); using 'gloo'."
 
@@ -58,7 +59,7 @@ def ddp_options(data):
         dist_params=dict(backend='nccl', port=29500),
         datasets=dict(
             train=dict(name='md_train', type='DATPRLMultiDomainDataset', datasets=sources, gt_size=16, use_hflip=True,
-                       use_rot=True, num_worker_per_gpu=0, batch_size_per_gpu=2, dataset_enlarge_ratio=1),
+                       use_rot=True, num_worker_per_gpu=0, batch_size_per_gpu=BATCH_PER_RANK, dataset_enlarge_ratio=1),
             val=dict(name='md_val', type='DATPRLMultiDomainDataset', datasets=sources)),
         network_g=NETWORK_G, path=dict(pretrain_network_g=None, resume_state=None),
         train=dict(optim_g=dict(type='Adam', lr=1e-3, betas=[0.9, 0.99]),
@@ -80,6 +81,15 @@ def torchrun(record_dir, opt_file, cwd, *flags):
     records = [json.load(open(os.path.join(record_dir, f'rank{r}.json'))) for r in range(RANKS)]
     weights = [torch.load(os.path.join(record_dir, f'rank{r}.pth'), weights_only=True) for r in range(RANKS)]
     return done, records, weights
+
+
+#: Top-k selections of one pool per iteration over both ranks (the usage window, 5000 iterations, spans the run).
+SELECTIONS_PER_ITER = RANKS * BATCH_PER_RANK * NETWORK_G['degradation_top_k']
+
+
+def usage_selections(state_file) -> int:
+    """Task-pool selections in a training state's usage window."""
+    return int(torch.load(state_file, weights_only=True)['objective_stats']['task'].sum())
 
 
 def same(a: dict, b: dict) -> bool:
@@ -122,6 +132,7 @@ def test_two_cpu_ranks_under_torchrun_train_identically_validate_once_and_resume
     assert records[0]['saved'] == ['net_g_2.pth', '2.state', 'net_g_4.pth', '4.state', 'net_g_latest.pth']
     assert not same(saved_params(exp / 'models' / 'net_g_2.pth'), weights[0])
     assert len(re.findall(r'INFO: Validation md_val\n', first.stderr)) == 3
+    assert usage_selections(exp / 'training_states' / '4.state') == 4 * SELECTIONS_PER_ITER  # both ranks', once
 
     # --auto_resume under torchrun: both ranks continue from rank 0's state at iter 4 (epoch 3) up to 6.
     second, records, weights = torchrun(tmp_path / 'second', opt_file, root, '--auto_resume',
@@ -131,6 +142,7 @@ def test_two_cpu_ranks_under_torchrun_train_identically_validate_once_and_resume
     check_ranks(records, weights, [5, 6], exp)
     assert records[0]['saved'] == ['net_g_6.pth', '6.state', 'net_g_latest.pth']
     assert sorted(os.listdir(exp / 'training_states')) == ['2.state', '4.state', '6.state']
+    assert usage_selections(exp / 'training_states' / '6.state') == 6 * SELECTIONS_PER_ITER
     assert os.listdir(root / 'experiments') == ['ddp']
 
 
@@ -144,8 +156,9 @@ opt, _ = basicsr.train.parse_options(os.getcwd(), is_train=True)
 total = torch.tensor([opt['rank'] + 1.0])
 dist.all_reduce(total)
 env = {k: os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
+timeout = dist.distributed_c10d._get_default_group()._get_backend(torch.device('cpu')).options._timeout
 print(json.dumps(dict(env, rank=opt['rank'], world_size=opt['world_size'], backend=dist.get_backend(),
-                      total=total.item())))
+                      total=total.item(), timeout_s=timeout.total_seconds())))
 dist.destroy_process_group()
 '''
 
@@ -163,7 +176,7 @@ def test_two_slurm_tasks_join_one_gloo_group_with_basicsr_dist_params(tmp_path):
     port = free_port()
     opt_file = tmp_path / 'slurm.yml'
     opt_file.write_text(yaml.safe_dump(dict(name='slurm', num_gpu='auto', manual_seed=0, datasets={}, path={},
-                                            dist_params=dict(backend='nccl', port=port))))
+                                            dist_params=dict(backend='nccl', port=port, timeout=5400))))
     path = fake_scontrol(tmp_path / 'bin') + os.pathsep + os.environ['PATH']
     tasks = [subprocess.Popen([sys.executable, '-c', SLURM_TASK, '-opt', str(opt_file), '--launcher', 'slurm'],
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -177,7 +190,8 @@ def test_two_slurm_tasks_join_one_gloo_group_with_basicsr_dist_params(tmp_path):
     reports = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
     for r, report in enumerate(reports):
         assert report == dict(RANK=str(r), WORLD_SIZE='2', LOCAL_RANK=str(r), MASTER_ADDR='127.0.0.1',
-                              MASTER_PORT=str(port), rank=r, world_size=2, backend='gloo', total=3.0)
+                              MASTER_PORT=str(port), rank=r, world_size=2, backend='gloo', total=3.0,
+                              timeout_s=5400.0)
 
 
 def test_local_rank_flag_of_torch_distributed_launch_is_dropped(monkeypatch):

@@ -231,7 +231,7 @@ def test_usage_tracker_errors():
     tracker = PromptUsageTracker({'task': 3}, update_freq=10)
     with pytest.raises(KeyError, match="unknown prompt pool 'domain'"):
         tracker.update('domain', torch.tensor([[0]]))
-    with pytest.raises(ValueError, match=r"pool 'task' must lie in \[0, 3\), got up to 5"):
+    with pytest.raises(ValueError, match=r"pool 'task' must lie in \[0, 3\), got 5\.\.5"):
         tracker.update('task', torch.tensor([[5]]))
     with pytest.raises(ValueError, match='stats_update_freq must be a positive'):
         PromptUsageTracker({'task': 3}, update_freq=0)
@@ -271,16 +271,26 @@ RANK_SCRIPT = textwrap.dedent('''
     tracker = PromptUsageTracker({'task': 3}, update_freq=1)
     tracker.update('task', torch.tensor([[0, 1]]) if rank == 0 else torch.tensor([[0, 0], [1, 0]]))
     counts = tracker.step(1)['task'].counts
+    # a training state: rank 0 saves the counts of both ranks; on resume every rank loads rank 0's file
+    tracker.update('task', torch.tensor([[2, 2]]) if rank == 0 else torch.tensor([[1, 2]]))
+    tracker.consolidate()
+    saved = tracker.state()['task']
+    consolidated = saved.clone()
+    dist.broadcast(saved, src=0)
+    resumed = PromptUsageTracker({'task': 3}, update_freq=1)
+    resumed.load_state({'task': saved})
+    resumed.update('task', torch.tensor([[0]]))
+    after_resume = resumed.step(1)['task'].counts
     torch.manual_seed(rank)
     pool = PromptPool(3, 4, 2, 2)
     reinitialise_prompts(pool, [1])
-    torch.save({'counts': counts, 'keys': pool.prompt_keys.detach(), 'values': pool.prompt_values.detach()},
-               os.path.join(out_dir, f'{rank}.pt'))
+    torch.save({'counts': counts, 'keys': pool.prompt_keys.detach(), 'values': pool.prompt_values.detach(),
+                'consolidated': consolidated, 'after_resume': after_resume}, os.path.join(out_dir, f'{rank}.pt'))
     dist.destroy_process_group()
 ''')
 
 
-def test_usage_counts_are_summed_and_reinitialised_rows_shared_across_ranks(tmp_path):
+def test_usage_counts_are_summed_saved_once_and_reinitialised_rows_shared_across_ranks(tmp_path):
     script = tmp_path / 'rank.py'
     script.write_text(RANK_SCRIPT)
     ranks = [subprocess.Popen([sys.executable, str(script), str(r), str(tmp_path / 'init'), str(tmp_path)], cwd=REPO)
@@ -288,6 +298,8 @@ def test_usage_counts_are_summed_and_reinitialised_rows_shared_across_ranks(tmp_
     assert [p.wait(timeout=120) for p in ranks] == [0, 0]
     r0, r1 = (torch.load(tmp_path / f'{r}.pt') for r in (0, 1))
     assert r0['counts'].tolist() == r1['counts'].tolist() == [4, 2, 0]
+    assert r0['consolidated'].tolist() == [0, 1, 3] and r1['consolidated'].tolist() == [0, 0, 0]
+    assert r0['after_resume'].tolist() == r1['after_resume'].tolist() == [2, 1, 3]  # [2, 2, 6] if loaded twice
     # different seeds built different pools; rank 0's re-initialised row 1 reached rank 1, the other rows stay
     assert torch.equal(r0['keys'][1], r1['keys'][1]) and torch.equal(r0['values'][1], r1['values'][1])
     assert not torch.equal(r0['keys'][2], r1['keys'][2])

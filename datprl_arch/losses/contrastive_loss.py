@@ -47,11 +47,12 @@ class DATPRLSupConLoss(nn.Module):
             unit = F.normalize(features.float(), dim=-1)
             self_pair = torch.eye(len(unit), dtype=torch.bool, device=unit.device)
             logits = (unit @ unit.t() / self.temperature).masked_fill(self_pair, float('-inf'))
+            if len(unit) < 2:  # a shape test, not a value test: no GPU-to-CPU synchronisation
+                return unit.sum() * 0.0
             positive = (labels[:, None] == labels[None, :]) & ~self_pair
             num_positives = positive.sum(dim=1)
-            anchors = num_positives > 0
-            if not anchors.any():
-                return unit.sum() * 0.0
+            anchors = (num_positives > 0).float()  # a mask, not an index: the mean stays on the device
             log_prob = logits - logits.logsumexp(dim=1, keepdim=True)
             positive_log_prob = log_prob.masked_fill(~positive, 0.0).sum(dim=1)
-            return self.loss_weight * (-positive_log_prob[anchors] / num_positives[anchors]).mean()
+            per_anchor = -positive_log_prob / num_positives.clamp_min(1) * anchors
+            return self.loss_weight * per_anchor.sum() / anchors.sum().clamp_min(1)

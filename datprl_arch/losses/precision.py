@@ -5,9 +5,15 @@ training step runs under ``torch.autocast``.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 
-def float32(device: torch.device) -> torch.autocast:
-    """Context manager that disables autocast on ``device``'s type; cast the inputs with ``.float()`` inside it."""
+def float32(device: torch.device):
+    """Context manager that disables autocast on ``device``'s type; cast the inputs with ``.float()`` inside it.
+
+    A device type without autocast (``meta``) has nothing to disable."""
+    if not torch.amp.is_autocast_available(device.type):
+        return nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)

@@ -4,6 +4,10 @@ Not a loss: the training model feeds each step's top-k ``indices`` to a ``Prompt
 ``stats_update_freq`` iterations ``step`` returns the window's counts (summed over distributed ranks) and starts a
 new window. With ``reinit_prompts`` the model passes the never-selected rows to ``reinitialise_prompts``.
 
+Under torch.distributed each rank counts its own selections and the window's count is the sum over ranks. For a
+training state, ``consolidate`` moves that sum to rank 0 (which saves it), and ``load_state`` gives it back to rank 0
+only, so a resumed window counts every earlier selection once.
+
 Why re-draw the init rather than copy the most used prompt plus noise: a copy sits at cosine ≈ 1 from its source, so
 the diversity loss immediately pushes it away again and the two compete for the same queries; a fresh row from the
 pool's own init distribution is as far from the others as the pool was at the start of training.
@@ -68,14 +72,19 @@ class PromptUsageTracker:
         self.counts = {name: torch.zeros(size, dtype=torch.int64) for name, size in self.pool_sizes.items()}
 
     def update(self, name: str, indices: torch.Tensor) -> None:
-        """Add one step's selections of pool ``name``: ``indices`` ``[B, k]`` (``PoolOutput.indices``)."""
+        """Add one step's selections of pool ``name``: ``indices`` ``[B, k]`` (``PoolOutput.indices``).
+
+        Counted on the indices' device without reading anything back (CUDA's ``bincount`` reads its maximum back to
+        the CPU every step); the range check runs for CPU indices only."""
         if name not in self.counts:
             raise KeyError(f'unknown prompt pool {name!r}; the tracker counts {sorted(self.counts)}')
         size = self.pool_sizes[name]
-        binned = torch.bincount(indices.detach().flatten(), minlength=size)
-        if binned.numel() != size:
-            raise ValueError(f'indices of pool {name!r} must lie in [0, {size}), got up to {binned.numel() - 1}')
-        self.counts[name] = self.counts[name].to(binned.device) + binned
+        flat = indices.detach().flatten()
+        if flat.device.type == 'cpu' and flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= size):
+            raise ValueError(f'indices of pool {name!r} must lie in [0, {size}), got {int(flat.min())}..'
+                             f'{int(flat.max())}')
+        counts = self.counts[name].to(flat.device)
+        self.counts[name] = counts.index_add_(0, flat, torch.ones_like(flat, dtype=counts.dtype))
 
     def step(self, current_iter: int) -> Optional[dict[str, PoolUsage]]:
         """Call once per iteration after ``update``: at the end of a window (``current_iter % update_freq == 0``)
@@ -87,15 +96,41 @@ class PromptUsageTracker:
     def report(self) -> dict[str, PoolUsage]:
         """Usage of every pool in the current window, summed over ranks (a collective: all ranks must call it);
         then starts a new window."""
+        summed = self._summed()
+        self.reset()
+        return {name: PoolUsage(counts) for name, counts in summed.items()}
+
+    def consolidate(self) -> None:
+        """Collect the window's counts of all ranks on rank 0; the other ranks go on from zeros (a collective: all
+        ranks must call it). The sum over ranks, and so every later ``report``, is unchanged; rank 0's ``state`` is
+        then the whole window's. Nothing changes without torch.distributed."""
+        if not _distributed():
+            return
+        summed = self._summed()
+        self.counts = summed if dist.get_rank() == 0 else {name: torch.zeros_like(c) for name, c in summed.items()}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """This rank's counts of the current window on the CPU, for a training state (after ``consolidate``, rank
+        0's are those of all ranks)."""
+        return {name: counts.cpu().clone() for name, counts in self.counts.items()}
+
+    def load_state(self, counts: Mapping[str, torch.Tensor]) -> None:
+        """Continue a window from the counts of a training state (all ranks' selections, as ``consolidate`` left
+        them on rank 0): rank 0 takes them, the other ranks start from zeros, so ``report`` counts them once."""
+        rank = dist.get_rank() if _distributed() else 0
+        self.reset()
+        if rank == 0:
+            self.counts.update({name: counts[name].to(torch.int64).clone() for name in self.counts if name in counts})
+
+    def _summed(self) -> dict[str, torch.Tensor]:
+        """The window's counts summed over ranks (a collective under torch.distributed), on the CPU."""
         names = list(self.pool_sizes)
         stacked = torch.cat([self.counts[name].cpu() for name in names])
         if _distributed():
             if dist.get_backend() == dist.Backend.NCCL:
                 stacked = stacked.cuda()
             dist.all_reduce(stacked)
-        splits = stacked.cpu().split([self.pool_sizes[name] for name in names])
-        self.reset()
-        return {name: PoolUsage(counts) for name, counts in zip(names, splits)}
+        return dict(zip(names, stacked.cpu().split([self.pool_sizes[name] for name in names])))
 
 
 @torch.no_grad()

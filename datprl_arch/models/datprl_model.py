@@ -8,12 +8,14 @@ the official 6-task option file names but the release lacks). It is BasicSR's SR
 - parameter groups (``prompt_lr``), the common optimizers and schedulers, freezing named parts, ``use_amp``
   (bf16/fp16 autocast on CUDA; fp32 with a notice on CPU), ``grad_clip``, opt-in ``compile``;
 - EMA that also carries buffers;
-- atomic checkpoints and training states; a non-finite loss skips its step, several in a row stop training;
+- atomic checkpoints and training states; a non-finite loss or gradient skips its step (nothing of it reaches the
+  weights, the EMA or the usage counts), several in a row stop training;
 - validation that reports every set, the average over all sets and per domain, into the log and a JSON file.
 
 One training step: ``feed_data`` (images, labels, GT paths) -> forward under autocast -> pixel, FFT and
-prompt-pool losses (``PromptObjectives``, reading ``net.prompt_state``) -> backward (scaled for fp16) -> clip ->
-optimizer step -> EMA -> usage statistics.
+prompt-pool losses (``PromptObjectives``, reading ``net.prompt_state``) -> backward (scaled for fp16) -> finite
+check -> clip -> optimizer step -> EMA -> usage statistics. The step reads one value back from the GPU (the finite
+flag; fp16's GradScaler adds its own); logged losses stay on the device until BasicSR's logger asks for them.
 """
 from __future__ import annotations
 
@@ -70,12 +72,20 @@ class DATPRLModel(SRModel):
         super().__init__(opt)
 
     def model_to_device(self, net):
-        """Freeze what ``train.freeze`` names and the dead parameters before any DDP wrapping sees the network."""
+        """Freeze what ``train.freeze`` names and the dead parameters before any DDP wrapping sees the network.
+
+        ``num_gpu`` > 1 without a launcher (``num_gpu: auto`` on a multi-GPU machine) would wrap a prompted network
+        in DataParallel: refused for training, whose steps run through the wrapper; testing never does (``test``
+        runs the bare network), so it runs on one GPU with a warning."""
         if self.opt['num_gpu'] > 1 and not self.opt['dist'] and hasattr(net, 'prompt_members'):
-            raise ValueError(f"num_gpu: {self.opt['num_gpu']} without a launcher would use DataParallel, whose "
-                             'replicas lose the prompt retrieval the prompt-pool losses read; train on several GPUs '
-                             'with torchrun ... --launcher pytorch (README, "Multi-GPU and multi-node"), or set '
-                             'num_gpu: 1')
+            if self.opt['is_train']:
+                raise ValueError(f"num_gpu: {self.opt['num_gpu']} without a launcher would use DataParallel, whose "
+                                 'replicas lose the prompt retrieval the prompt-pool losses read; train on several '
+                                 'GPUs with torchrun ... --launcher pytorch (README, "Multi-GPU and multi-node"), or '
+                                 'on one with num_gpu: 1 (or CUDA_VISIBLE_DEVICES=0)')
+            get_root_logger().warning(f"num_gpu: {self.opt['num_gpu']} without a launcher: testing on one GPU "
+                                      f'({self.device}); several GPUs need torchrun.')
+            self.opt['num_gpu'] = 1
         if self.opt['is_train'] and self.opt.get('train'):
             frozen = dead_parameter_names(net) | resolve_parts(net, self.opt['train'].get('freeze') or ())
             for name, param in net.named_parameters():
@@ -89,7 +99,6 @@ class DATPRLModel(SRModel):
     def init_training_settings(self):
         train_opt = self.opt['train']
         check_train_keys(train_opt)
-        logger = get_root_logger()
         self.objectives = PromptObjectives(train_opt, self.opt, self.get_bare_model(self.net_g)).to(self.device)
         if self.opt['dist']:  # the alignment head lives outside DDP: start every rank from rank 0's values
             for param in self.objectives.parameters():
@@ -103,19 +112,29 @@ class DATPRLModel(SRModel):
         self.pixel_weight_power = float(train_opt.get('pixel_weight_power', 1.0))
         self.max_nonfinite = int(train_opt.get('max_nonfinite_steps', DEFAULT_MAX_NONFINITE))
         self.nonfinite_steps = 0
-        self.amp_dtype = None
-        if train_opt.get('use_amp'):
-            amp_dtype = train_opt.get('amp_dtype', 'bf16')
-            if amp_dtype not in AMP_DTYPES:
-                raise ValueError(f"train.amp_dtype must be one of {sorted(AMP_DTYPES)}, got '{amp_dtype}'")
-            if self.device.type == 'cuda':
-                self.amp_dtype = AMP_DTYPES[amp_dtype]
-            else:
-                logger.info('use_amp: mixed precision needs CUDA; training in float32 on the CPU.')
+        self.amp_dtype = self._amp_dtype(train_opt)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         super().init_training_settings()  # EMA, pixel/perceptual losses, optimizers, schedulers
-        if train_opt.get('compile'):
-            self.get_bare_model(self.net_g).compile()
+        self.compiled = bool(train_opt.get('compile'))
+        if self.compiled:  # static shapes: Inductor's dynamic-shape lowering fails on the Restormer (restormer_arch)
+            self.get_bare_model(self.net_g).compile(dynamic=False)
+
+    def _amp_dtype(self, train_opt: dict) -> torch.dtype | None:
+        """The autocast dtype of ``use_amp``/``amp_dtype`` (None: float32). CUDA only; bf16 on a GPU without native
+        bf16 (before compute capability 8.0: V100, T4) is emulated and slow, which the log says."""
+        if not train_opt.get('use_amp'):
+            return None
+        amp_dtype = train_opt.get('amp_dtype', 'bf16')
+        if amp_dtype not in AMP_DTYPES:
+            raise ValueError(f"train.amp_dtype must be one of {sorted(AMP_DTYPES)}, got '{amp_dtype}'")
+        logger = get_root_logger()
+        if self.device.type != 'cuda':
+            logger.info('use_amp: mixed precision needs CUDA; training in float32 on the CPU.')
+            return None
+        if amp_dtype == 'bf16' and not torch.cuda.is_bf16_supported(including_emulation=False):
+            logger.warning(f'use_amp: {torch.cuda.get_device_name(self.device)} has no native bf16, so bf16 is '
+                           'emulated and slow; set train.amp_dtype: fp16 (with loss scaling) for speed.')
+        return AMP_DTYPES[amp_dtype]
 
     def setup_optimizers(self):
         train_opt = self.opt['train']
@@ -164,34 +183,87 @@ class DATPRLModel(SRModel):
         losses.update(self.objectives(self.get_bare_model(self.net_g), self.labels, self.gt_paths, self.source_names))
         return losses
 
-    def _all_finite(self, losses) -> bool:
-        """True when every loss term is finite on every rank (ranks must agree, or DDP would hang)."""
-        finite = torch.tensor(float(all(torch.isfinite(v).all() for v in losses.values())), device=self.device)
+    def _all_finite(self, losses) -> torch.Tensor:
+        """0-d bool tensor on the device: every loss term is finite on every rank (ranks must agree, or DDP would
+        hang). Nothing is read back here; the all-reduce is a device collective."""
+        finite = torch.stack([torch.isfinite(v).all() for v in losses.values()]).all().float()
         if self.opt['dist']:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite.item())
+        return finite > 0
 
     def optimize_parameters(self, current_iter):
+        """One training step (module docstring). A step with a non-finite loss (on any rank) or, without the fp16
+        scaler, a non-finite gradient is skipped before clipping, the optimizer and EMA, and its prompt selections
+        are not counted."""
         self.optimizer_g.zero_grad(set_to_none=True)
         with self._autocast():
             self.output = self.net_g(self.lq)
             losses = self._losses()
-        if not self._all_finite(losses):
-            self._skip_step(losses, current_iter)
+        finite = self._all_finite(losses)
+        if self.scaler.is_enabled():  # fp16: decide before backward, so a forward overflow leaves the scale alone
+            stepped = bool(finite.item()) and self._scaled_step(losses)
         else:
+            stepped = self._checked_step(losses, finite)
+        if stepped:
             self.nonfinite_steps = 0
-            self.scaler.scale(sum(losses.values())).backward()
-            self._average_objective_gradients()
-            if self.grad_clip:
-                self.scaler.unscale_(self.optimizer_g)
-                params = [p for group in self.optimizer_g.param_groups for p in group['params']]
-                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-            self.scaler.step(self.optimizer_g)
-            self.scaler.update()
             if self.ema_decay > 0:
                 self.model_ema(decay=self.ema_decay)
+        else:
+            self._skip_step(losses, current_iter)
         self.log_dict = self.reduce_loss_dict(OrderedDict((k, v.detach()) for k, v in losses.items()))
-        self.log_dict.update(self.objectives.end_step(self.get_bare_model(self.net_g), current_iter, self.optimizer_g))
+        self.log_dict.update(self.objectives.end_step(self.get_bare_model(self.net_g), current_iter, self.optimizer_g,
+                                                      counted=stepped))
+
+    def _optimized_parameters(self) -> list:
+        return [p for group in self.optimizer_g.param_groups for p in group['params']]
+
+    def _scaled_step(self, losses) -> bool:
+        """fp16 with GradScaler: backward of the scaled loss, unscale, clip, step; the scaler itself skips the
+        optimizer step (and lowers the scale) when the gradients overflow."""
+        self.scaler.scale(sum(losses.values())).backward()
+        self._average_objective_gradients()
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer_g)
+            torch.nn.utils.clip_grad_norm_(self._optimized_parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer_g)
+        self.scaler.update()
+        return True
+
+    def _checked_step(self, losses, finite: torch.Tensor) -> bool:
+        """bf16 and fp32 (no scaler): backward (also of a non-finite loss: it frees the graph), then one read-back
+        decides on the losses and the gradient norm together; only a finite step is clipped and taken. The norm is
+        of DDP's averaged gradients, so every rank decides alike."""
+        sum(losses.values()).backward()
+        self._average_objective_gradients()
+        params = self._optimized_parameters()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if not bool((finite & torch.isfinite(norm)).item()):
+            self.optimizer_g.zero_grad(set_to_none=True)
+            return False
+        if self.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
+        self.optimizer_g.step()
+        return True
+
+    def reduce_loss_dict(self, loss_dict):
+        """BasicSR's average of the logged losses over the ranks (on rank 0), kept as 0-d tensors on the device:
+        BasicSR reads every term back every step, but logs only every ``print_freq`` (``get_current_log``)."""
+        with torch.no_grad():
+            names = list(loss_dict)
+            if not names:
+                return OrderedDict()
+            values = torch.stack([v.float().mean() for v in loss_dict.values()])
+            if self.opt['dist']:
+                dist.reduce(values, dst=0)
+                if self.opt['rank'] == 0:
+                    values /= self.opt['world_size']
+            return OrderedDict(zip(names, values.unbind()))
+
+    def get_current_log(self):
+        """The last step's logged values as floats, read back from the device at once."""
+        names = [k for k, v in self.log_dict.items() if torch.is_tensor(v)]
+        floats = dict(zip(names, torch.stack([self.log_dict[k] for k in names]).tolist())) if names else {}
+        return OrderedDict((k, floats.get(k, v)) for k, v in self.log_dict.items())
 
     def _average_objective_gradients(self) -> None:
         """DDP averages the network's gradients; the model-owned alignment head needs the same by hand."""
@@ -208,17 +280,29 @@ class DATPRLModel(SRModel):
         net = self._tested_net()
         was_training = net.training
         net.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._eager():
             self.output = net(self.lq)
         net.train(was_training)
 
+    def _eager(self):
+        """With ``train.compile`` the bare network validates uncompiled (as the EMA network does): static-shape
+        graphs would otherwise be compiled again for every validation image size."""
+        return torch.compiler.set_stance('force_eager') if getattr(self, 'compiled', False) else nullcontext()
+
     def _skip_step(self, losses, current_iter):
+        """Count a skipped step (stop after ``max_nonfinite_steps`` in a row) and drop its autograd graph: kept in
+        ``self.output`` and ``net.prompt_state``, its activations would live on through the next forward."""
+        self.output = self.output.detach()
+        net = self.get_bare_model(self.net_g)
+        if getattr(net, 'prompt_state', None) is not None:
+            net.prompt_state = None
         self.nonfinite_steps += 1
         bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
-        get_root_logger().warning(f'iter {current_iter}: non-finite loss {bad or "on another rank"}; step skipped '
+        what = f'non-finite loss {bad}' if bad else 'non-finite gradient (or loss on another rank)'
+        get_root_logger().warning(f'iter {current_iter}: {what}; step skipped '
                                   f'({self.nonfinite_steps} in a row, limit {self.max_nonfinite})')
         if self.nonfinite_steps >= self.max_nonfinite:
-            raise RuntimeError(f'{self.nonfinite_steps} consecutive non-finite losses (last: {bad}) at iter '
+            raise RuntimeError(f'{self.nonfinite_steps} consecutive non-finite steps (last: {what}) at iter '
                                f'{current_iter}; stopping before NaN weights are written. Lower the learning rate, '
                                'set grad_clip, or check the data.')
 
@@ -258,6 +342,12 @@ class DATPRLModel(SRModel):
                  'scaler': self.scaler.state_dict(), 'objectives': self.objectives.state_dict(),
                  'objective_stats': self.objectives.stats_state()}
         atomic_torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
+
+    def save(self, epoch, current_iter):
+        """BasicSR's save (rank 0 writes); first, on every rank, the prompt-usage counts of all ranks are collected
+        on rank 0, so its training state holds the whole window's and a resumed run counts them once."""
+        self.objectives.consolidate_stats()
+        super().save(epoch, current_iter)
 
     def resume_training(self, resume_state):
         super().resume_training(resume_state)

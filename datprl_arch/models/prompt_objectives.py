@@ -74,6 +74,7 @@ class PromptObjectives(nn.Module):
                                            int(train_opt.get('stats_update_freq', DEFAULT_STATS_FREQ)))
                         if self.pools else None)
         self.reinit = bool(train_opt.get('reinit_prompts'))
+        self.pending_indices: dict = {}  # this step's selections, counted by end_step unless the step was skipped
         self.alignment, self.projection, self.texts = None, None, None
         if train_opt.get('use_clip_constraint'):
             self.texts = self._description_embeddings(train_opt, opt)
@@ -144,8 +145,7 @@ class PromptObjectives(nn.Module):
         pools = _pools(net)
         outputs = {'task': state.task, 'domain': state.domain}
         if self.tracker is not None and torch.is_grad_enabled():
-            for name in self.pools:
-                self.tracker.update(name, outputs[name].indices)
+            self.pending_indices = {name: outputs[name].indices.detach() for name in self.pools}
         if self.diversity is not None:
             terms['l_div'] = self.diversity(*pools.values())
         if self.balance is not None:
@@ -166,9 +166,15 @@ class PromptObjectives(nn.Module):
             terms['l_align'] = self.alignment(representation, text, self.projection)
         return terms
 
-    def end_step(self, net: nn.Module, current_iter: int, optimizer: Optional[torch.optim.Optimizer]) -> dict:
-        """Every ``stats_update_freq`` iterations: log the window's hard usage, re-initialise unused prompts if
-        asked; returns values for BasicSR's message logger (fraction of prompts used per pool)."""
+    def end_step(self, net: nn.Module, current_iter: int, optimizer: Optional[torch.optim.Optimizer],
+                 counted: bool = True) -> dict:
+        """Count the step's selections (not those of a skipped step: ``counted=False``); every ``stats_update_freq``
+        iterations: log the window's hard usage, re-initialise unused prompts if asked; returns values for BasicSR's
+        message logger (fraction of prompts used per pool)."""
+        pending, self.pending_indices = self.pending_indices, {}
+        if self.tracker is not None and counted:
+            for name, indices in pending.items():
+                self.tracker.update(name, indices)
         usage = self.tracker.step(current_iter) if self.tracker is not None else None
         if not usage:
             return {}
@@ -182,10 +188,17 @@ class PromptObjectives(nn.Module):
                 logger.info(f'Re-initialised {name} prompts {pool_usage.unused}')
         return logs
 
+    def consolidate_stats(self) -> None:
+        """Before a training state is saved, on every rank: the window's usage counts of all ranks go to rank 0
+        (``PromptUsageTracker.consolidate``, a collective under torch.distributed)."""
+        if self.tracker is not None:
+            self.tracker.consolidate()
+
     def stats_state(self) -> dict:
-        """Usage counters of the current window (for training states)."""
-        return {name: counts.cpu() for name, counts in self.tracker.counts.items()} if self.tracker else {}
+        """Usage counters of the current window, for training states (all ranks' after ``consolidate_stats``)."""
+        return self.tracker.state() if self.tracker else {}
 
     def load_stats_state(self, counts: dict) -> None:
+        """Resume the window from a training state's counters; under torch.distributed rank 0 holds them."""
         if self.tracker is not None:
-            self.tracker.counts = {name: counts.get(name, c) for name, c in self.tracker.counts.items()}
+            self.tracker.load_state(counts)

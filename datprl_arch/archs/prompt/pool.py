@@ -6,6 +6,7 @@ the selected values are composed with softmax weights over the selected similari
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -15,6 +16,15 @@ from torch.nn import functional as F
 TEMPERATURE_RANGE = (0.1, 2.0)  # the learned temperature is clamped to this range (no gradient outside it)
 SELECTION_NOISE_STD = 0.1  # std of the Gaussian noise added to the scaled similarities for top-k in training
 INIT_NOISE_STD = 0.5  # std of the noise added at init to every prompt but the first
+
+
+def _autocast_off(device: torch.device):
+    """Autocast disabled on ``device``'s type (nothing to disable where autocast does not exist, e.g. ``meta``).
+
+    Kept here rather than imported from ``losses.precision``: this module needs nothing but torch."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
 
 
 class PoolOutput(NamedTuple):
@@ -67,9 +77,13 @@ class PromptPool(nn.Module):
                 self.prompt_values[i].add_(INIT_NOISE_STD * torch.randn_like(self.prompt_values[i]))
 
     def forward(self, query: torch.Tensor) -> PoolOutput:
-        """query ``[B, D]`` -> composed prompt ``[B, D]`` with the selection that produced it."""
-        similarity = F.normalize(query, dim=-1) @ F.normalize(self.prompt_keys, dim=-1).t()
-        logits = similarity / self.temperature.clamp(*TEMPERATURE_RANGE)
+        """query ``[B, D]`` -> composed prompt ``[B, D]`` with the selection that produced it.
+
+        The similarities, the top-k ranking and ``logits`` (the balance loss's input) are float32 also under
+        ``torch.autocast``: bf16 keeps 2 to 3 significant digits of a cosine, which reorders close prompts."""
+        with _autocast_off(query.device):
+            similarity = F.normalize(query.float(), dim=-1) @ F.normalize(self.prompt_keys.float(), dim=-1).t()
+            logits = similarity / self.temperature.float().clamp(*TEMPERATURE_RANGE)
         ranking = logits + SELECTION_NOISE_STD * torch.randn_like(logits) if self.training else logits
         indices = ranking.topk(self.top_k, dim=-1).indices
         weights = logits.gather(-1, indices).softmax(dim=-1)
