@@ -134,9 +134,10 @@ def shared_lmdb_env(path: str, **open_kwargs):
     """This process's read-only environment for the LMDB at ``path``, opened on first use and then shared.
 
     An environment inherited through ``fork`` (DataLoader workers) is closed and reopened in the child; one whose
-    files were replaced since it was opened is reopened. ``open_kwargs`` go to ``lmdb.open`` on (re)opening.
+    files were replaced since it was opened is reopened. ``open_kwargs`` go to ``lmdb.open`` on (re)opening; a
+    ``data.mdb`` shorter than its pages is an ``LmdbError`` (reading it would end the process with SIGBUS).
     """
-    import lmdb
+    from .data.lmdb_env import open_checked
 
     key = os.path.realpath(path)
     identity, pid = _lmdb_identity(key), os.getpid()
@@ -147,7 +148,7 @@ def shared_lmdb_env(path: str, **open_kwargs):
         cached[2].close()
     options = dict(readonly=True, lock=False, readahead=False, subdir=os.path.isdir(key))
     options.update(open_kwargs)
-    env = lmdb.open(key, **options)
+    env = open_checked(key, **options)  # a truncated data.mdb is an error here, not a SIGBUS on the first read
     _LMDB_ENVS[key] = (pid, identity, env)
     return env
 
@@ -169,9 +170,17 @@ class SharedLmdbBackend:
         """Bytes stored under key ``filepath`` in the LMDB named ``client_key`` (None if the key is absent)."""
         if client_key not in self._paths:
             raise KeyError(f'lmdb backend: client_key {client_key!r} is not one of {list(self._paths)}.')
-        env = shared_lmdb_env(self._paths[client_key], **self._open_kwargs)
-        with env.begin(write=False) as txn:
-            return txn.get(str(filepath).encode('ascii'))
+        import lmdb
+
+        from .data.lmdb_env import damaged
+
+        path = self._paths[client_key]
+        env = shared_lmdb_env(path, **self._open_kwargs)
+        try:
+            with env.begin(write=False) as txn:
+                return txn.get(str(filepath).encode('ascii'))
+        except lmdb.Error as err:
+            raise damaged(path, err, str(filepath)) from None
 
     def get_text(self, filepath):
         raise NotImplementedError('The lmdb backend stores images, not text.')

@@ -20,11 +20,13 @@ import torch
 import yaml
 from basicsr.utils import options as basicsr_options
 
+from .errors import DatprlError
+
 YAML_TAG_PREFIX = 'tag:yaml.org,2002:'
 SafeBase = getattr(yaml, 'CSafeLoader', yaml.SafeLoader)
 
 
-class OptionFileError(ValueError):
+class OptionFileError(DatprlError, ValueError):
     """An option file (or a value in it) that BasicSR's runners cannot use; the message says what to change."""
 
 

@@ -16,6 +16,8 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from ..errors import DatprlError
+
 PARAM_KEYS = ('params_ema', 'params')  # BasicSR, in order of preference
 LIGHTNING_KEY, LIGHTNING_PREFIX = 'state_dict', 'net.'
 WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DataParallel/DDP and torch.compile wrappers
@@ -24,7 +26,7 @@ WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DataParallel/DDP and torch.compi
 NETWORK_KEY = 'network_g'
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DatprlError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the network."""
 
 
