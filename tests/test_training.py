@@ -18,6 +18,7 @@ import yaml
 import datprl_arch  # noqa: F401
 from basicsr.models import build_model
 from datprl_arch.data.toy import write_pairs
+from datprl_arch.options import OptionFileError
 from datprl_arch.tools.encode_descriptions import encode_files, hash_encoder
 from datprl_arch.utils.atomic import atomic_torch_save
 
@@ -258,7 +259,11 @@ def test_official_6task_train_section_is_accepted(tmp_path, data):
         prompt_analysis_freq=50000, prompt_analysis_save_path='./prompt_analysis')
     opt = _model_opt(data, tmp_path)
     opt['train'] = official
-    model = build_model(opt)  # without local CLIP weights the alignment is disabled with a warning
+    with pytest.raises(OptionFileError, match=r'use_clip_constraint: true, but the domain-prior constraint cannot be '
+                       r'applied: text_description_paths is set but no encoder'):  # no local CLIP weights
+        build_model(opt)
+    opt['train'] = dict(official, use_clip_constraint=False)  # turned off explicitly: trains without it
+    model = build_model(opt)
     assert model.objectives.alignment is None and model.objectives.diversity is not None
     opt['train'] = dict(official, text_encoder='hash')
     assert build_model(opt).objectives.alignment is not None

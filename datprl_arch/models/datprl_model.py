@@ -216,6 +216,31 @@ class DATPRLModel(SRModel):
                 ema_buffers[name].copy_(buf)
 
     # ---------------------------------------------------------------- saving and resuming
+    def save(self, epoch, current_iter):
+        """BasicSR's save (networks, then training state), skipped with a warning when it would write a poisoned
+        checkpoint: the last step's losses were non-finite (the weights may be finite yet give NaN outputs), or a
+        weight or EMA value is non-finite. The previous checkpoint then stays the newest one resume finds."""
+        why = self._unsafe_to_save()
+        if why:
+            what = 'the final checkpoint' if current_iter == -1 else f'the checkpoint and training state of iter ' \
+                f'{current_iter}'
+            get_root_logger().warning(f'Not saving {what}: {why}. The last saved checkpoint stays the newest.')
+            return
+        super().save(epoch, current_iter)
+
+    def _unsafe_to_save(self) -> str | None:
+        """Why the current weights must not be saved, or None."""
+        if getattr(self, 'nonfinite_steps', 0):
+            return f'the last {self.nonfinite_steps} training step(s) had non-finite losses'
+        for label in ('net_g', 'net_g_ema'):
+            if not hasattr(self, label):
+                continue
+            bad = [name for name, value in self.get_bare_model(getattr(self, label)).state_dict().items()
+                   if value.is_floating_point() and not torch.isfinite(value).all()]
+            if bad:
+                return f'{label} holds non-finite values in {len(bad)} tensor(s), e.g. {bad[:3]}'
+        return None
+
     @master_only
     def save_network(self, net, net_label, current_iter, param_key='params'):
         """BasicSR's ``net_<label>_<iter>.pth`` ``{param_key: state_dict}`` plus the network's options under

@@ -102,10 +102,14 @@ def load_checkpoint(net: nn.Module, path: str, param_key: Optional[str] = None, 
 
     ``param_key``: the preferred entry of a BasicSR file (see ``extract_state_dict``).
 
-    A mismatch raises ``CheckpointError`` naming the missing and unexpected keys and the shape mismatches.
+    A mismatch raises ``CheckpointError`` naming the missing and unexpected keys and the shape mismatches. With
+    ``strict=False`` (BasicSR's ``strict_load_g: false``) they are logged as a warning instead, as BasicSR does:
+    missing keys keep their initial values, unexpected keys and tensors of another shape are skipped.
     """
     state_dict = extract_state_dict(read_checkpoint(path), param_key, source=path)
     net = getattr(net, 'module', net)
+    if not strict:
+        state_dict = _lenient(net, state_dict, path)
     try:
         net.load_state_dict(state_dict, strict=strict)
     except RuntimeError as err:
@@ -117,3 +121,26 @@ def load_checkpoint(net: nn.Module, path: str, param_key: Optional[str] = None, 
             f'{len(unexpected)} unexpected keys {unexpected[:8]}. Check that network_g matches the configuration '
             f'the checkpoint was trained with. ({str(err).splitlines()[-1].strip()})') from err
     return net
+
+
+#: How many keys a lenient-loading warning lists per kind.
+LISTED_KEYS = 8
+
+
+def _lenient(net: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str) -> 'OrderedDict[str, torch.Tensor]':
+    """``state_dict`` without the tensors whose shape differs from ``net``'s, after a warning that lists those, the
+    missing and the unexpected keys (nothing is logged when the checkpoint fits exactly)."""
+    from basicsr.utils import get_root_logger
+
+    own = net.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [k for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        shapes = [f'{k}: checkpoint {list(state_dict[k].shape)} vs network {list(own[k].shape)}'
+                  for k in mismatched[:LISTED_KEYS]]
+        get_root_logger().warning(
+            f'strict_load: false: {path} does not fit {type(net).__name__} exactly: {len(missing)} missing key(s) '
+            f'keep their initial values {missing[:LISTED_KEYS]}; {len(unexpected)} unexpected key(s) are ignored '
+            f'{unexpected[:LISTED_KEYS]}; {len(mismatched)} tensor(s) of another shape are skipped {shapes}.')
+    return OrderedDict((k, v) for k, v in state_dict.items() if k not in mismatched)
