@@ -56,6 +56,9 @@ def check_size(path: str, env: lmdb.Environment) -> None:
 
 def open_checked(path: str, **options) -> lmdb.Environment:
     """``lmdb.open(path, **options)`` followed by :func:`check_size`; any failure is an :class:`LmdbError`."""
+    if osp.isfile(data_file(path)) and os.path.getsize(data_file(path)) == 0:
+        raise LmdbError(f'LMDB {path}: data.mdb is empty (0 bytes). Copy it again or rebuild it with '
+                        'python -m datprl_arch.tools.make_lmdb.')
     try:
         env = lmdb.open(path, **options)
     except lmdb.Error as err:

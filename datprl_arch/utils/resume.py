@@ -45,7 +45,13 @@ def training_states(states_dir: str) -> list[tuple[int, str]]:
 
 
 def _first_line(err: Exception) -> str:
+    """The informative line of a loading error: for a refused pickle, the global it would have loaded (torch's text
+    around it recommends ``weights_only=False``, which would run that code), else the first line."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    refused = [line.split('WeightsUnpickler error: ')[-1].split(' was not an allowed global')[0] for line in lines
+               if 'Unsupported global' in line]
+    if refused:
+        return f'{refused[0]}: the file holds a Python object that loading would have to run; not loaded'
     return f'{type(err).__name__}: {lines[0] if lines else ""}'
 
 
