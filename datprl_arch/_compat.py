@@ -359,7 +359,7 @@ def create_train_val_dataloader(opt: dict, logger):
     from .data.multidomain_dataset import label_warnings
     from .utils.resume import log_pending
 
-    log_pending(logger)
+    log_pending(opt, logger)
     original = create_train_val_dataloader.basicsr_original
     train_loader, train_sampler, val_loaders, total_epochs, total_iters = original(opt, logger)
     for warning in label_warnings(train_loader.dataset, [loader.dataset for loader in val_loaders]):
@@ -367,7 +367,8 @@ def create_train_val_dataloader(opt: dict, logger):
     per_epoch = len(train_loader)
     train_opt = opt['datasets']['train']
     if per_epoch == 0:
-        raise ValueError(
+        from .data.sources import DataSourceError
+        raise DataSourceError(
             f"datasets.train: each of the {opt['world_size']} rank(s) gets {len(train_sampler)} sample(s) per epoch, "
             f"fewer than batch_size_per_gpu: {train_opt['batch_size_per_gpu']}, so no batch would ever be drawn. "
             'Raise dataset_enlarge_ratio (or the sources\' augment_factor) or lower batch_size_per_gpu.')

@@ -9,3 +9,7 @@ print a ``DatprlError`` as one message without a traceback; ``--debug`` shows th
 
 class DatprlError(Exception):
     """An error in what the user gave (data, checkpoint, option file); its message says what to change."""
+
+
+class MissingFileError(DatprlError, FileNotFoundError):
+    """A file that an option names does not exist (also a ``FileNotFoundError``)."""

@@ -82,10 +82,13 @@ OptionLoader.add_constructor(None, OptionLoader.reject_tag)
 
 
 def load_option_file(path: str) -> OrderedDict:
-    """Read an option file safely (see ``OptionLoader``); a missing file raises ``OptionFileError``."""
+    """Read an option file safely (see ``OptionLoader``); a missing file or invalid YAML raises ``OptionFileError``."""
     _check_exists(path)
     with open(path, encoding='utf-8') as stream:
-        return yaml.load(stream, Loader=OptionLoader)
+        try:
+            return yaml.load(stream, Loader=OptionLoader)
+        except yaml.YAMLError as err:
+            raise OptionFileError(f'{path} is not valid YAML: {err}') from None
 
 
 def ordered_yaml():

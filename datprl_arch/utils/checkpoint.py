@@ -10,6 +10,7 @@ Pickle files are always read with ``weights_only=True``: a checkpoint cannot run
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 from typing import Mapping, Optional
 
@@ -30,6 +31,17 @@ class CheckpointError(DatprlError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the network."""
 
 
+def load_error_summary(err: Exception) -> str:
+    """The informative line of a ``torch.load`` error: for a refused pickle, the global it would have loaded (torch's
+    text around it recommends ``weights_only=False``, which would run that code), else the first line."""
+    refused = re.search(r'GLOBAL ([\w.]+)', str(err))
+    if refused:
+        return (f'it holds the Python object {refused[1]}, which loading would have to run; refused, nothing was '
+                'executed')
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f'{type(err).__name__}: {lines[0] if lines else ""}'
+
+
 def read_checkpoint(path: str) -> Mapping:
     """The mapping stored in ``path`` (``.pth``/``.ckpt`` read with ``weights_only=True``, or ``.safetensors``)."""
     if not os.path.isfile(path):
@@ -43,7 +55,8 @@ def read_checkpoint(path: str) -> Mapping:
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:  # pickle errors come in many types; all mean the same thing here
-        raise CheckpointError(f'cannot read {path} as a PyTorch checkpoint with weights_only=True ({err}). '
+        raise CheckpointError(f'cannot read {path} as a PyTorch checkpoint with weights_only=True '
+                              f'({load_error_summary(err)}). '
                               'Files holding non-tensor Python objects must be re-saved as a plain state_dict '
                               'from a trusted environment.') from err
 

@@ -5,8 +5,8 @@ files on trust. Here a candidate is used only when its state loads (``weights_on
 it needs is a complete archive; a damaged one (truncated, empty, not a checkpoint) is named in a warning and the next
 older candidate is tried. Leftover ``*.tmp-<pid>`` files of interrupted saves are removed first (never read).
 
-Messages for the log are kept in :data:`PENDING` until the runner's logger exists (it is created after the resume
-state is loaded) and written by :func:`log_pending`.
+Messages for the log are kept per run (per option dict) until the runner's logger exists (it is created after the
+resume state is loaded) and written by :func:`log_pending`.
 """
 from __future__ import annotations
 
@@ -16,22 +16,27 @@ import zipfile
 
 import torch
 
-from .checkpoint import CheckpointError
+from ..errors import MissingFileError
+from .checkpoint import CheckpointError, load_error_summary
 from .debris import remove_stale_tmp_files
 
-#: Warnings and notes of the resume step, logged once the runner's logger exists.
-PENDING: list[tuple[str, str]] = []
+#: Warnings and notes of the resume step per run (``id`` of its option dict), logged once its logger exists.
+_PENDING: dict[int, list[tuple[str, str]]] = {}
 STATE_SUFFIX = '.state'
 
 
-def _note(level: str, message: str) -> None:
-    PENDING.append((level, message))
+def _note(opt: dict, level: str, message: str) -> None:
+    _PENDING.setdefault(id(opt), []).append((level, message))
 
 
-def log_pending(logger) -> None:
-    """Write (and forget) the messages of the resume step to ``logger``."""
-    while PENDING:
-        level, message = PENDING.pop(0)
+def pending(opt: dict) -> list[tuple[str, str]]:
+    """The ``(level, message)`` notes of the resume step of the run ``opt`` not logged yet."""
+    return list(_PENDING.get(id(opt), ()))
+
+
+def log_pending(opt: dict, logger) -> None:
+    """Write (and forget) the notes of the resume step of the run ``opt`` to ``logger``."""
+    for level, message in _PENDING.pop(id(opt), ()):
         getattr(logger, level)(message)
 
 
@@ -44,28 +49,17 @@ def training_states(states_dir: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def _first_line(err: Exception) -> str:
-    """The informative line of a loading error: for a refused pickle, the global it would have loaded (torch's text
-    around it recommends ``weights_only=False``, which would run that code), else the first line."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    refused = [line.split('WeightsUnpickler error: ')[-1].split(' was not an allowed global')[0] for line in lines
-               if 'Unsupported global' in line]
-    if refused:
-        return f'{refused[0]}: the file holds a Python object that loading would have to run; not loaded'
-    return f'{type(err).__name__}: {lines[0] if lines else ""}'
-
-
 def read_state(path: str) -> dict:
     """The training state in ``path`` (CPU, ``weights_only=True``); :class:`CheckpointError` names the file."""
     if not osp.isfile(path):
-        raise CheckpointError(f'training state {path} does not exist (expected '
-                              '<root>/experiments/<name>/training_states/<iter>.state)')
+        raise MissingFileError(f'path.resume_state: training state {path!r} does not exist (expected '
+                               '<root>/experiments/<name>/training_states/<iter>.state)')
     if osp.getsize(path) == 0:
         raise CheckpointError(f'training state {path} is empty (0 bytes)')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:  # torch raises many types for damaged or unsafe files
-        raise CheckpointError(f'cannot read training state {path} with weights_only=True ({_first_line(err)})') \
+        raise CheckpointError(f'cannot read training state {path} with weights_only=True ({load_error_summary(err)})') \
             from None
     if not isinstance(state, dict) or not {'iter', 'epoch'} <= set(state):
         raise CheckpointError(f'{path} is not a BasicSR training state (no iter/epoch entries)')
@@ -105,7 +99,7 @@ def choose_resume_state(opt: dict) -> tuple[str, dict] | None:
     if root and osp.isdir(root):
         removed = remove_stale_tmp_files(root)
         if removed:
-            _note('info', f'Removed {len(removed)} leftover file(s) of interrupted writes: {removed}')
+            _note(opt, 'info', f'Removed {len(removed)} leftover file(s) of interrupted writes: {removed}')
     if not opt['auto_resume']:
         if not opt['path'].get('resume_state'):
             return None
@@ -121,11 +115,11 @@ def choose_resume_state(opt: dict) -> tuple[str, dict] | None:
                 raise CheckpointError(f'{path}: its network file {"; ".join(problems)}')
         except CheckpointError as err:
             skipped.append(str(err))
-            _note('warning', f'--auto_resume: skipping {err}.')
+            _note(opt, 'warning', f'--auto_resume: skipping {err}.')
             continue
         if skipped:
-            _note('warning', f'--auto_resume: resuming from the older state {path} (iter {state["iter"]}) because '
-                  f'{len(skipped)} newer one(s) cannot be used (see above).')
+            _note(opt, 'warning', f'--auto_resume: resuming from the older state {path} (iter {state["iter"]}) '
+                  f'because {len(skipped)} newer one(s) cannot be used (see above).')
         return path, state
     if candidates:
         listed = '\n  - '.join(skipped)
@@ -138,9 +132,9 @@ def choose_resume_state(opt: dict) -> tuple[str, dict] | None:
 def limit_to_saved_iter(opt: dict, state: dict) -> None:
     """A state beyond ``train.total_iter`` has nothing left to train: keep BasicSR from labelling the final
     validation and checkpoint with the lower ``total_iter`` (they are the saved iteration's) and say so."""
-    total, saved = int(opt['train']['total_iter']), int(state['iter'])
-    if saved > total:
+    total, saved = (opt.get('train') or {}).get('total_iter'), int(state['iter'])
+    if total is not None and saved > int(total):
         opt['train']['total_iter'] = saved
-        _note('warning', f'The resumed state is at iter {saved}, beyond train.total_iter {total}: there is nothing '
-              f'left to train. The final checkpoint and validation are those of iter {saved} (labelled so); raise '
-              'total_iter to train further.')
+        _note(opt, 'warning', f'The resumed state is at iter {saved}, beyond train.total_iter {total}: there is '
+              f'nothing left to train. The final checkpoint and validation are those of iter {saved} (labelled so); '
+              'raise total_iter to train further.')
