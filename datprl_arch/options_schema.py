@@ -470,8 +470,9 @@ def _check_datasets(c: Checker, datasets: Mapping, is_train: bool) -> None:
         where = f'datasets.{key}'
         if is_train and key != 'train' and phase != 'val':
             close = _suggestion(key, ('train', 'val'))
-            c.add(where, f'a training run reads `train` and `val*` datasets only ({f"did you mean `{close}`? " if close else ""}'
-                  'test sets go into a test option file).')
+            guess = f'did you mean `{close}`? ' if close else ''
+            c.add(where, f'a training run reads `train` and `val*` datasets only ({guess}test sets go into a test '
+                  'option file).')
             continue
         section = c.section(where, ds, 'name, type, and the dataset options')
         if section is None:

@@ -26,7 +26,7 @@ from basicsr.models import build_model
 from basicsr.utils import get_root_logger
 from datprl_arch import _compat, train
 from datprl_arch.archs.restormer_arch import PaddedRestormer
-from datprl_arch.data.lmdb_env import BUILD_FILE, read_build_record
+from datprl_arch.data.lmdb_env import read_build_record
 from datprl_arch.data.multidomain_dataset import label_warnings
 from datprl_arch.data.sources import DataSourceError
 from datprl_arch.data.toy import write_pairs

@@ -143,10 +143,11 @@ def label_warnings(train_set, val_sets) -> list[str]:
                 continue
             unknown = [n for n in getattr(val_set, kind) if n not in getattr(train_set, kind)]
             if unknown:
+                train_name, known = train_set.opt.get('name'), getattr(train_set, kind)
                 warnings.append(f"validation set '{val_set.opt.get('name')}': {kind[:-1]} name(s) {unknown} do not "
-                                f"occur in the training set '{train_set.opt.get('name')}' ({getattr(train_set, kind)}), "
-                                f'and the two do not declare the same `{kind}:` list. A typo? Declare the same '
-                                f'`{kind}:` list in every dataset to make such names an error.')
+                                f"occur in the training set '{train_name}' ({known}), and the two do not declare the "
+                                f'same `{kind}:` list. A typo? Declare the same `{kind}:` list in every dataset to '
+                                'make such names an error.')
     return warnings
 
 

@@ -18,7 +18,6 @@ from typing import Optional
 from basicsr.utils import scandir
 
 from ..errors import DatprlError
-
 from ..utils.debris import stale_debris
 from .descriptions import DescriptionError, read_descriptions
 from .image_io import ImageDecodeError, ImageFormat, check_file, file_format

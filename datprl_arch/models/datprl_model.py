@@ -31,6 +31,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch import distributed as dist
 
 from ..archs.prompt import dead_parameter_names
+from ..errors import DatprlError
 from ..utils.atomic import atomic_torch_save, atomic_write_json
 from ..utils.checkpoint import NETWORK_KEY, load_checkpoint, plain_options
 from ..utils.registry import register
@@ -46,6 +47,10 @@ MODEL_TRAIN_KEYS = ('fft_opt', 'prompt_lr', 'use_amp', 'amp_dtype', 'grad_clip',
 TRAIN_KEYS = BASICSR_TRAIN_KEYS + MODEL_TRAIN_KEYS + OBJECTIVE_KEYS
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 DEFAULT_MAX_NONFINITE = 5  # consecutive non-finite steps tolerated before training stops
+
+
+class NonFiniteLossError(DatprlError, RuntimeError):
+    """Training stopped after ``max_nonfinite_steps`` non-finite losses in a row (the message says what to change)."""
 
 
 def check_train_keys(train_opt: dict) -> None:
@@ -200,7 +205,7 @@ class DATPRLModel(SRModel):
         get_root_logger().warning(f'iter {current_iter}: non-finite loss {bad or "on another rank"}; step skipped '
                                   f'({self.nonfinite_steps} in a row, limit {self.max_nonfinite})')
         if self.nonfinite_steps >= self.max_nonfinite:
-            raise RuntimeError(f'{self.nonfinite_steps} consecutive non-finite losses (last: {bad}) at iter '
+            raise NonFiniteLossError(f'{self.nonfinite_steps} consecutive non-finite losses (last: {bad}) at iter '
                                f'{current_iter}; stopping before NaN weights are written. Lower the learning rate, '
                                'set grad_clip, or check the data.')
 
