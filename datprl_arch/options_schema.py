@@ -73,6 +73,8 @@ def _found(value: Any) -> str:
         return 'nothing (~)'
     if isinstance(value, Mapping):
         return 'a mapping'
+    if isinstance(value, (list, tuple)):
+        return f'a list of {len(value)} item(s)'
     return f'{type(value).__name__} {value!r}'
 
 
@@ -233,6 +235,7 @@ REQUIRED_WHAT = {
     'val_freq': 'an integer >= 1 (iterations between validations)', 'save_img': 'true or false',
     'batch_size_per_gpu': 'an integer >= 1', 'num_worker_per_gpu': 'an integer >= 0',
     'type': 'a registered name',
+    'val': "a mapping (save_img: false, metrics: ...); BasicSR's test runner reads val.save_img",
 }
 
 

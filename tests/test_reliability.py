@@ -112,6 +112,22 @@ def test_make_lmdb_pair_killed_during_the_swap_is_refused_then_finished(tmp_path
         assert np.allclose(dataset[i]['lq'].numpy(), lq, atol=1e-6)  # new GT with new LQ
 
 
+def test_make_lmdb_killed_after_both_renames_reads_the_new_pair(tmp_path, monkeypatch):
+    gt_db, lq_db = str(tmp_path / 'gt.lmdb'), str(tmp_path / 'lq.lmdb')
+    make_paired_lmdb(*write_pairs(str(tmp_path / 'old'), 2, (16, 16), seed=0), gt_db, lq_db)
+    pid = dead_pid()
+    monkeypatch.setattr(os, 'getpid', lambda: pid)
+    monkeypatch.setattr(make_lmdb, 'remove', lambda path: None)  # killed before the old copies are removed
+    make_paired_lmdb(*write_pairs(str(tmp_path / 'new'), 2, (16, 16), seed=1), gt_db, lq_db, overwrite=True)
+    monkeypatch.undo()
+    assert f'gt.lmdb.old-{pid}' in os.listdir(tmp_path) and f'lq.lmdb.old-{pid}' in os.listdir(tmp_path)
+    assert len(lmdb_set(gt_db, lq_db)) == 2  # the build records confirm the new pair
+    assert make_lmdb.recover_interrupted_installs([gt_db]) == [
+        f'An install of {gt_db} + {lq_db} interrupted in process {pid} was already complete (the new databases were '
+        'in place; the old copies are removed).']
+    assert sorted(os.listdir(tmp_path)) == ['gt.lmdb', 'lq.lmdb', 'new', 'old']
+
+
 def test_make_lmdb_killed_before_both_are_built_keeps_the_old_pair(tmp_path, monkeypatch):
     old_dirs = write_pairs(str(tmp_path / 'old'), 2, (16, 16), seed=0)
     gt_db, lq_db = str(tmp_path / 'gt.lmdb'), str(tmp_path / 'lq.lmdb')

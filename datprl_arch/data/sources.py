@@ -304,11 +304,14 @@ def _pairs_from_lmdb(name, gt_root, lq_root, verify, problems) -> list[Pair]:
 
 def _check_lmdb_pair(name: str, gt_root: str, lq_root: str, problems: Problems) -> None:
     """GT and LQ databases of one make_lmdb build: the LQ's record names the content of the GT it was built with
-    (a GT shared by several LQ databases is fine as long as its images are the same); an interrupted swap of a
-    ``make_lmdb --overwrite`` (``<db>.old-<pid>`` of a dead process) is reported too."""
+    (a GT shared by several LQ databases is fine as long as its images are the same). Without records that confirm
+    the pair, the leftover of an interrupted ``make_lmdb --overwrite`` swap (``<db>.old-<pid>`` of a dead process)
+    is an error too."""
     gt_record, lq_record = read_build_record(gt_root), read_build_record(lq_root)
-    if gt_record and lq_record and lq_record.get('partner_content') and \
-            lq_record['partner_content'] != gt_record.get('content'):
+    paired = bool(gt_record and lq_record and lq_record.get('partner_content'))
+    if paired and lq_record['partner_content'] == gt_record.get('content'):
+        return  # the records confirm the pair; leftovers of an install that had finished its renames do not matter
+    if paired:
         problems.add(name, f'GT LMDB {gt_root} (build {gt_record.get("build", "?")[:8]}) and LQ LMDB {lq_root} (build '
                      f'{lq_record.get("build", "?")[:8]}) come from different make_lmdb runs: the LQ was built '
                      'against other GT images, so pairs would be misaligned. An interrupted make_lmdb --overwrite '

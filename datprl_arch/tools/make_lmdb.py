@@ -153,6 +153,8 @@ def _recover(group: list[str], pid: int) -> str:
                     os.replace(p, old[p])
                 os.replace(partial[p], p)
         action = 'finished'
+    elif not any(osp.lexists(partial[p]) for p in group) and all(osp.lexists(p) for p in group):
+        action = 'already complete (the new databases were in place; the old copies are removed)'
     else:
         for p in group:
             remove(partial[p])

@@ -45,7 +45,8 @@ def load_error_summary(err: Exception) -> str:
 def read_checkpoint(path: str) -> Mapping:
     """The mapping stored in ``path`` (``.pth``/``.ckpt`` read with ``weights_only=True``, or ``.safetensors``)."""
     if not os.path.isfile(path):
-        raise CheckpointError(f'checkpoint {path} does not exist')
+        where = '' if os.path.isabs(path) else f' (relative to the current directory {os.getcwd()})'
+        raise CheckpointError(f'checkpoint {path} does not exist{where}')
     if path.endswith('.safetensors'):
         try:
             from safetensors.torch import load_file

@@ -79,7 +79,9 @@ def remove_stale_tmp_files(root: str) -> list[str]:
     removed = []
     for folder, _, _ in os.walk(root):
         for debris in stale_debris(folder, ('tmp',)):
-            if osp.isfile(debris.path):
+            try:
                 os.remove(debris.path)
-                removed.append(debris.path)
+            except (FileNotFoundError, IsADirectoryError, PermissionError):
+                continue
+            removed.append(debris.path)
     return removed

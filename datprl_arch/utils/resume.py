@@ -96,7 +96,7 @@ def choose_resume_state(opt: dict) -> tuple[str, dict] | None:
     each named in a warning; :class:`CheckpointError` when states exist but none is usable). An explicit
     ``path.resume_state`` (relative to the run's root) is used or refused, never replaced."""
     root = opt['path'].get('experiments_root')
-    if root and osp.isdir(root):
+    if root and osp.isdir(root) and opt.get('rank', 0) == 0:  # only rank 0 writes there
         removed = remove_stale_tmp_files(root)
         if removed:
             _note(opt, 'info', f'Removed {len(removed)} leftover file(s) of interrupted writes: {removed}')
