@@ -206,8 +206,8 @@ class DATPRLModel(SRModel):
                                   f'({self.nonfinite_steps} in a row, limit {self.max_nonfinite})')
         if self.nonfinite_steps >= self.max_nonfinite:
             raise NonFiniteLossError(f'{self.nonfinite_steps} consecutive non-finite losses (last: {bad}) at iter '
-                               f'{current_iter}; stopping before NaN weights are written. Lower the learning rate, '
-                               'set grad_clip, or check the data.')
+                                     f'{current_iter}; stopping before NaN weights are written. Lower the learning '
+                                     'rate, set grad_clip, or check the data.')
 
     def model_ema(self, decay=0.999):
         """EMA of the parameters; buffers are copied (BasicSR's EMA leaves them at their initial values)."""
@@ -227,8 +227,8 @@ class DATPRLModel(SRModel):
         weight or EMA value is non-finite. The previous checkpoint then stays the newest one resume finds."""
         why = self._unsafe_to_save()
         if why:
-            what = 'the final checkpoint' if current_iter == -1 else f'the checkpoint and training state of iter ' \
-                f'{current_iter}'
+            what = ('the final checkpoint' if current_iter == -1 else
+                    f'the checkpoint and training state of iter {current_iter}')
             get_root_logger().warning(f'Not saving {what}: {why}. The last saved checkpoint stays the newest.')
             return
         super().save(epoch, current_iter)
