@@ -136,7 +136,8 @@ def _model_opt(root, tmp_path, **train):
 
 
 def test_killed_run_resumes_with_the_saved_state_and_finishes(tmp_path, data):
-    opt = options(data, 'killed', total_iter=100000, **EVERY_LOSS | {'use_amp': False})
+    killed = EVERY_LOSS | {'use_amp': False, 'text_embeddings': str(data / 'texts.pt')}
+    opt = options(data, 'killed', total_iter=100000, **killed)
     opt['logger']['save_checkpoint_freq'] = 4
     opt['val']['val_freq'] = 100000
     process = train(tmp_path, write(tmp_path / 'long.yml', opt))
@@ -152,7 +153,7 @@ def test_killed_run_resumes_with_the_saved_state_and_finishes(tmp_path, data):
     saved = torch.load(states / f'{saved_iter}.state', weights_only=True)
     weights = torch.load(tmp_path / 'experiments' / 'killed' / 'models' / f'net_g_{saved_iter}.pth', weights_only=True)
     # what BasicSR's train_pipeline does on resume, in-process, compared tensor by tensor with the files
-    resumed_opt = _model_opt(data, tmp_path, **EVERY_LOSS | {'use_amp': False})
+    resumed_opt = _model_opt(data, tmp_path, **killed)
     resumed_opt['path'].update(pretrain_network_g=str(tmp_path / 'experiments/killed/models' / f'net_g_{saved_iter}.pth'))
     model = build_model(resumed_opt)
     model.resume_training(saved)
