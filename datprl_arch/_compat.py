@@ -76,39 +76,27 @@ def _basicsr_is_supported() -> bool:
 
 # P2/P3: resume -----------------------------------------------------------------------------------------------------
 
-def latest_training_state(states_dir: str) -> str | None:
-    """Path of the ``<iter>.state`` file with the highest iteration in ``states_dir``, or None."""
-    if not os.path.isdir(states_dir):
-        return None
-    iters = [int(name[:-len('.state')]) for name in os.listdir(states_dir)
-             if name.endswith('.state') and name[:-len('.state')].isdigit()]
-    return os.path.join(states_dir, f'{max(iters)}.state') if iters else None
-
-
 def load_resume_state(opt: dict):
-    """Replacement for ``basicsr.train.load_resume_state``: same contract, CPU-safe and independent of the cwd.
+    """Replacement for ``basicsr.train.load_resume_state``: same contract, CPU-safe, independent of the cwd, and
+    never trusting a damaged file (``datprl_arch.utils.resume``).
 
-    ``--auto_resume`` takes the newest state in ``opt['path']['training_states']`` (absolute, under the run's root);
-    an explicit ``path.resume_state`` that is relative is taken from the root the experiments are written to.
-    States load onto the CPU with ``weights_only=True``; ``resume_training`` moves them to the parameters' device.
+    ``--auto_resume`` takes the newest usable state in ``opt['path']['training_states']`` (absolute, under the run's
+    root), falling back past damaged ones with a warning; an explicit ``path.resume_state`` that is relative is
+    taken from the root the experiments are written to. States load onto the CPU with ``weights_only=True``;
+    ``resume_training`` moves them to the parameters' device. A state beyond ``train.total_iter`` raises
+    ``total_iter`` to it (nothing left to train, results labelled with the saved iteration).
     """
-    import torch
     from basicsr.utils import check_resume
 
-    if opt['auto_resume']:
-        path = latest_training_state(opt['path']['training_states'])
-    elif opt['path'].get('resume_state'):
-        path = os.path.join(opt.get('root_path') or os.getcwd(), opt['path']['resume_state'])
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"path.resume_state: training state {path!r} does not exist (expected "
-                                    "<root>/experiments/<name>/training_states/<iter>.state).")
-    else:
-        path = None
-    if path is None:
+    from .utils.resume import choose_resume_state, limit_to_saved_iter
+
+    chosen = choose_resume_state(opt)
+    if chosen is None:
         return None
+    path, state = chosen
     opt['path']['resume_state'] = path
-    state = torch.load(path, map_location='cpu', weights_only=True)
     check_resume(opt, state['iter'])
+    limit_to_saved_iter(opt, state)
     opt['resume_position'] = {'epoch': state['epoch'], 'iter': state['iter']}  # for the sampler (P26)
     return state
 
@@ -136,9 +124,10 @@ def shared_lmdb_env(path: str, **open_kwargs):
     """This process's read-only environment for the LMDB at ``path``, opened on first use and then shared.
 
     An environment inherited through ``fork`` (DataLoader workers) is closed and reopened in the child; one whose
-    files were replaced since it was opened is reopened. ``open_kwargs`` go to ``lmdb.open`` on (re)opening.
+    files were replaced since it was opened is reopened. ``open_kwargs`` go to ``lmdb.open`` on (re)opening; a
+    ``data.mdb`` shorter than its pages is an ``LmdbError`` (reading it would end the process with SIGBUS).
     """
-    import lmdb
+    from .data.lmdb_env import open_checked
 
     key = os.path.realpath(path)
     identity, pid = _lmdb_identity(key), os.getpid()
@@ -149,7 +138,7 @@ def shared_lmdb_env(path: str, **open_kwargs):
         cached[2].close()
     options = dict(readonly=True, lock=False, readahead=False, subdir=os.path.isdir(key))
     options.update(open_kwargs)
-    env = lmdb.open(key, **options)
+    env = open_checked(key, **options)  # a truncated data.mdb is an error here, not a SIGBUS on the first read
     _LMDB_ENVS[key] = (pid, identity, env)
     return env
 
@@ -171,9 +160,18 @@ class SharedLmdbBackend:
         """Bytes stored under key ``filepath`` in the LMDB named ``client_key`` (None if the key is absent)."""
         if client_key not in self._paths:
             raise KeyError(f'lmdb backend: client_key {client_key!r} is not one of {list(self._paths)}.')
-        env = shared_lmdb_env(self._paths[client_key], **self._open_kwargs)
-        with env.begin(write=False) as txn:
-            return txn.get(str(filepath).encode('ascii'))
+        import lmdb
+
+        from .data.lmdb_env import check_size, damaged
+
+        path = self._paths[client_key]
+        env = shared_lmdb_env(path, **self._open_kwargs)
+        check_size(path, env)  # a stat per read: a file cut short after opening is an error, not a SIGBUS
+        try:
+            with env.begin(write=False) as txn:
+                return txn.get(str(filepath).encode('ascii'))
+        except lmdb.Error as err:
+            raise damaged(path, err, str(filepath)) from None
 
     def get_text(self, filepath):
         raise NotImplementedError('The lmdb backend stores images, not text.')
@@ -388,12 +386,19 @@ def create_train_val_dataloader(opt: dict, logger):
     ``ceil(len * enlarge_ratio / (batch * world_size))`` batches, but its loader drops the last partial batch of each
     rank's shard, so small datasets and many ranks stop training before ``total_iter``. The epoch count is raised to
     what the loader really yields; a rank shard smaller than one batch is an error naming the options to change."""
+    from .data.multidomain_dataset import label_warnings
+    from .utils.resume import log_pending
+
+    log_pending(opt, logger)
     original = create_train_val_dataloader.basicsr_original
     train_loader, train_sampler, val_loaders, total_epochs, total_iters = original(opt, logger)
+    for warning in label_warnings(train_loader.dataset, [loader.dataset for loader in val_loaders]):
+        logger.warning(warning)
     per_epoch = len(train_loader)
     train_opt = opt['datasets']['train']
     if per_epoch == 0:
-        raise ValueError(
+        from .data.sources import DataSourceError
+        raise DataSourceError(
             f"datasets.train: each of the {opt['world_size']} rank(s) gets {len(train_sampler)} sample(s) per epoch, "
             f"fewer than batch_size_per_gpu: {train_opt['batch_size_per_gpu']}, so no batch would ever be drawn. "
             'Raise dataset_enlarge_ratio (or the sources\' augment_factor) or lower batch_size_per_gpu.')

@@ -20,11 +20,13 @@ import torch
 import yaml
 from basicsr.utils import options as basicsr_options
 
+from .errors import DatprlError
+
 YAML_TAG_PREFIX = 'tag:yaml.org,2002:'
 SafeBase = getattr(yaml, 'CSafeLoader', yaml.SafeLoader)
 
 
-class OptionFileError(ValueError):
+class OptionFileError(DatprlError, ValueError):
     """An option file (or a value in it) that BasicSR's runners cannot use; the message says what to change."""
 
 
@@ -41,8 +43,23 @@ class OptionLoader(SafeBase):
         super().__init__(stream)
 
     def construct_ordered_mapping(self, node: yaml.MappingNode) -> OrderedDict:
+        self._reject_duplicate_keys(node)
         self.flatten_mapping(node)
         return OrderedDict(self.construct_pairs(node))
+
+    def _reject_duplicate_keys(self, node: yaml.MappingNode) -> None:
+        """A key written twice in one mapping: YAML keeps the last silently (``lr`` set twice, the first value
+        ignored), so it is an error naming both lines. Keys merged in with ``<<:`` may be overridden."""
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == YAML_TAG_PREFIX + 'merge' or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            if key_node.value in seen:
+                mark = key_node.start_mark
+                raise OptionFileError(f'{mark.name}, line {mark.line + 1}: key {key_node.value!r} is set twice in '
+                                      f'one mapping (first on line {seen[key_node.value] + 1}); YAML would keep '
+                                      'only the last value. Remove one of them.')
+            seen[key_node.value] = key_node.start_mark.line
 
     def reject_tag(self, node: yaml.Node):
         mark = node.start_mark
@@ -65,10 +82,13 @@ OptionLoader.add_constructor(None, OptionLoader.reject_tag)
 
 
 def load_option_file(path: str) -> OrderedDict:
-    """Read an option file safely (see ``OptionLoader``); a missing file raises ``OptionFileError``."""
+    """Read an option file safely (see ``OptionLoader``); a missing file or invalid YAML raises ``OptionFileError``."""
     _check_exists(path)
     with open(path, encoding='utf-8') as stream:
-        return yaml.load(stream, Loader=OptionLoader)
+        try:
+            return yaml.load(stream, Loader=OptionLoader)
+        except yaml.YAMLError as err:
+            raise OptionFileError(f'{path} is not valid YAML: {err}') from None
 
 
 def ordered_yaml():
@@ -78,10 +98,18 @@ def ordered_yaml():
 
 
 def parse_options(root_path: str, is_train: bool = True):
-    """BasicSR's ``parse_options`` (same command line, same ``(opt, args)``) with the option file checked first and
-    ``num_gpu`` / ``use_tb_logger`` checked against this machine before anything is written."""
-    _check_exists(_option_file_argument())
+    """BasicSR's ``parse_options`` (same command line, same ``(opt, args)``) with the whole option file validated
+    first (``datprl_arch.options_schema``: every problem named at once, before anything is built or written; again
+    after ``--force_yml`` changed it) and ``num_gpu`` / ``use_tb_logger`` checked against this machine."""
+    from .options_schema import validate
+
+    path = _option_file_argument()
+    _check_exists(path)
+    if path is not None:
+        validate(load_option_file(path), is_train, path)
     opt, args = basicsr_options.parse_options(root_path, is_train)
+    if args.force_yml:
+        validate(opt, is_train, f'{args.opt} (after --force_yml {" ".join(args.force_yml)})')
     check_num_gpu(opt, args.opt)
     if is_train:
         check_tensorboard(opt, args.opt)
@@ -161,9 +189,25 @@ def check_tensorboard(opt: dict, opt_file: str) -> None:
 
 
 def run_pipeline(pipeline: Callable[[str], None], prog: str, errors: tuple = ()) -> None:
-    """Run a BasicSR pipeline rooted at the current directory; a bad option file (or one of ``errors``, exception
-    types whose message names the file at fault) ends with its message (exit status 1) instead of a traceback."""
+    """Run a BasicSR pipeline rooted at the current directory. This package's own errors (``DatprlError``: a bad
+    option file, data, checkpoint or training state) and those of ``errors`` (exception types whose message names
+    the file at fault) end with their message (exit status 1) instead of a traceback; ``--debug`` (BasicSR's flag)
+    shows the traceback."""
     try:
         pipeline(os.getcwd())
-    except (OptionFileError, *errors) as err:
-        sys.exit(f'{prog}: error: {err}')
+    except (DatprlError, *errors) as err:
+        if '--debug' in sys.argv:
+            raise
+        sys.exit(f'{prog}: error: {error_message(err)}')
+
+
+def error_message(err: BaseException) -> str:
+    """The message of ``err`` without the worker traceback PyTorch puts in front of an error re-raised from a
+    DataLoader worker process."""
+    text = str(err)
+    if 'Original Traceback' not in text:
+        return text
+    for name in (f'{type(err).__module__}.{type(err).__qualname__}: ', f'{type(err).__name__}: '):
+        if name in text:
+            return text[text.rindex(name) + len(name):].strip()
+    return text

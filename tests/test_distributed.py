@@ -175,7 +175,7 @@ def fake_scontrol(folder) -> str:
 def test_two_slurm_tasks_join_one_gloo_group_with_basicsr_dist_params(tmp_path):
     port = free_port()
     opt_file = tmp_path / 'slurm.yml'
-    opt_file.write_text(yaml.safe_dump(dict(name='slurm', num_gpu='auto', manual_seed=0, datasets={}, path={},
+    opt_file.write_text(yaml.safe_dump(dict(ddp_options(tmp_path / 'data'), name='slurm',  # a whole valid file
                                             dist_params=dict(backend='nccl', port=port, timeout=5400))))
     path = fake_scontrol(tmp_path / 'bin') + os.pathsep + os.environ['PATH']
     tasks = [subprocess.Popen([sys.executable, '-c', SLURM_TASK, '-opt', str(opt_file), '--launcher', 'slurm'],

@@ -33,6 +33,34 @@ train:
   total_iter: 8
 """
 
+#: A complete training option file (BENIGN above exercises the loader only; parsing validates the whole file).
+VALID = """\
+name: demo
+model_type: SRModel
+num_gpu: auto
+manual_seed: 0
+datasets:
+  train:
+    name: t
+    type: PairedImageDataset
+    dataroot_gt: ~/gt
+    dataroot_lq: ~/lq
+    io_backend: {type: disk}
+    gt_size: 16
+    batch_size_per_gpu: 2
+    num_worker_per_gpu: 0
+  val_1: {name: v, type: PairedImageDataset, dataroot_gt: ~/gt, dataroot_lq: ~/lq, io_backend: {type: disk}}
+network_g: {type: PaddedRestormer, dim: 8}
+path: {resume_state: ~}
+logger: {print_freq: 1, save_checkpoint_freq: 4, use_tb_logger: false}
+train:
+  optim_g: {type: Adam, lr: !!float 2e-4, weight_decay: 0}
+  scheduler: {type: MultiStepLR, milestones: [10, 20], gamma: 0.5}
+  total_iter: 8
+  pixel_opt: {type: L1Loss, loss_weight: 1.0}
+val: {val_freq: 4, save_img: false}
+"""
+
 
 def write(tmp_path, text, name='opt.yml'):
     path = tmp_path / name
@@ -113,7 +141,7 @@ def test_missing_option_file_is_named(tmp_path, monkeypatch):
 
 
 def test_parse_keeps_basicsr_flags_and_resolves_num_gpu_auto(tmp_path, monkeypatch):
-    opt = parse(monkeypatch, write(tmp_path, BENIGN), '--debug', '--force_yml', 'train:total_iter=5')
+    opt = parse(monkeypatch, write(tmp_path, VALID), '--debug', '--force_yml', 'train:total_iter=5')
     assert opt['num_gpu'] == torch.cuda.device_count()
     assert opt['name'] == 'debug_demo' and opt['train']['total_iter'] == 5 and opt['logger']['print_freq'] == 1
     assert opt['datasets']['train']['dataroot_gt'] == os.path.expanduser('~/gt')
@@ -122,18 +150,18 @@ def test_parse_keeps_basicsr_flags_and_resolves_num_gpu_auto(tmp_path, monkeypat
 
 def test_num_gpu_beyond_the_machine_names_the_option_and_the_fix(tmp_path, monkeypatch):
     too_many = torch.cuda.device_count() + 1
-    path = write(tmp_path, BENIGN.replace('num_gpu: auto', f'num_gpu: {too_many}'))
+    path = write(tmp_path, VALID.replace('num_gpu: auto', f'num_gpu: {too_many}'))
     for is_train in (True, False):
         with pytest.raises(OptionFileError) as err:
             parse(monkeypatch, path, is_train=is_train)
         assert str(err.value).startswith(f'{path}: num_gpu: {too_many}, but ')
         assert 'Set `num_gpu: auto`' in str(err.value) and '`num_gpu: 0` (CPU)' in str(err.value)
     with pytest.raises(OptionFileError, match=r"num_gpu: 'two' is not valid; use 'auto' or an integer >= 0"):
-        parse(monkeypatch, write(tmp_path, BENIGN.replace('num_gpu: auto', 'num_gpu: two'), 'two.yml'))
+        parse(monkeypatch, write(tmp_path, VALID.replace('num_gpu: auto', 'num_gpu: two'), 'two.yml'))
 
 
 def test_tensorboard_logger_without_tensorboard_is_a_clear_error(tmp_path, monkeypatch):
-    path = write(tmp_path, BENIGN.replace('use_tb_logger: false', 'use_tb_logger: true'))
+    path = write(tmp_path, VALID.replace('use_tb_logger: false', 'use_tb_logger: true'))
     monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)
     with pytest.raises(OptionFileError) as err:
         parse(monkeypatch, path)

@@ -18,6 +18,7 @@ import yaml
 import datprl_arch  # noqa: F401
 from basicsr.models import build_model
 from datprl_arch.data.toy import write_pairs
+from datprl_arch.options import OptionFileError
 from datprl_arch.tools.encode_descriptions import encode_files, hash_encoder
 from datprl_arch.utils.atomic import atomic_torch_save
 
@@ -135,7 +136,8 @@ def _model_opt(root, tmp_path, **train):
 
 
 def test_killed_run_resumes_with_the_saved_state_and_finishes(tmp_path, data):
-    opt = options(data, 'killed', total_iter=100000, **EVERY_LOSS | {'use_amp': False})
+    killed = EVERY_LOSS | {'use_amp': False, 'text_embeddings': str(data / 'texts.pt')}
+    opt = options(data, 'killed', total_iter=100000, **killed)
     opt['logger']['save_checkpoint_freq'] = 4
     opt['val']['val_freq'] = 100000
     process = train(tmp_path, write(tmp_path / 'long.yml', opt))
@@ -151,7 +153,7 @@ def test_killed_run_resumes_with_the_saved_state_and_finishes(tmp_path, data):
     saved = torch.load(states / f'{saved_iter}.state', weights_only=True)
     weights = torch.load(tmp_path / 'experiments' / 'killed' / 'models' / f'net_g_{saved_iter}.pth', weights_only=True)
     # what BasicSR's train_pipeline does on resume, in-process, compared tensor by tensor with the files
-    resumed_opt = _model_opt(data, tmp_path, **EVERY_LOSS | {'use_amp': False})
+    resumed_opt = _model_opt(data, tmp_path, **killed)
     resumed_opt['path'].update(pretrain_network_g=str(tmp_path / 'experiments/killed/models' / f'net_g_{saved_iter}.pth'))
     model = build_model(resumed_opt)
     model.resume_training(saved)
@@ -258,7 +260,11 @@ def test_official_6task_train_section_is_accepted(tmp_path, data):
         prompt_analysis_freq=50000, prompt_analysis_save_path='./prompt_analysis')
     opt = _model_opt(data, tmp_path)
     opt['train'] = official
-    model = build_model(opt)  # without local CLIP weights the alignment is disabled with a warning
+    with pytest.raises(OptionFileError, match=r'use_clip_constraint: true, but the domain-prior constraint cannot be '
+                       r'applied: text_description_paths is set but no encoder'):  # no local CLIP weights
+        build_model(opt)
+    opt['train'] = dict(official, use_clip_constraint=False)  # turned off explicitly: trains without it
+    model = build_model(opt)
     assert model.objectives.alignment is None and model.objectives.diversity is not None
     opt['train'] = dict(official, text_encoder='hash')
     assert build_model(opt).objectives.alignment is not None

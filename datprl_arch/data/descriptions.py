@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import os.path as osp
 
+from ..errors import DatprlError
+
 #: Keys of a descriptions JSON that start with this prefix carry metadata, not image names.
 META_PREFIX = '__'
 
 
-class DescriptionError(ValueError):
+class DescriptionError(DatprlError, ValueError):
     """A descriptions file or encoder option that cannot be used, with the file and key in the message."""
 
 

@@ -10,12 +10,16 @@ Arrays are OpenCV-style: ``(H, W, C)`` with ``C`` in {1, 3}, colour in BGR order
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
+import struct
+import zlib
 from typing import Optional
 
 import cv2
 import numpy as np
 
+from ..errors import DatprlError
 from ..utils.atomic import atomic_write_bytes
 
 #: Divisors that map an integer image's dtype onto [0, 1].
@@ -24,6 +28,15 @@ DTYPE_RANGE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 NETWORK_CHANNELS = (1, 3)
 #: The marker every complete JPEG ends with.
 _JPEG_EOI = b'\xff\xd9'
+#: The first bytes of every PNG file.
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+#: Bytes of signature + IHDR chunk (length, type, 13 data bytes, CRC): all a PNG header check reads.
+PNG_HEADER_BYTES = 33
+#: PNG colour type -> channels after decoding with the alpha channel dropped (gray, RGB, palette, gray+alpha, RGBA).
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 1, 6: 3}
+#: Pillow modes -> (bit depth, channels) as :func:`decode_raw` returns them (alpha dropped, palette expanded).
+_PIL_FORMATS = {'1': (8, 1), 'L': (8, 1), 'LA': (8, 1), 'P': (8, 3), 'RGB': (8, 3), 'RGBA': (8, 3), 'CMYK': (8, 3),
+                'YCbCr': (8, 3), 'I;16': (16, 1), 'I;16B': (16, 1), 'I;16L': (16, 1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +47,7 @@ class ImageFormat:
     channels: int
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(DatprlError, ValueError):
     """Raised when bytes cannot be decoded into an image."""
 
 
@@ -107,6 +120,71 @@ def write(path: str, stored: np.ndarray) -> None:
     if not ok:
         raise ValueError(f'Cannot encode an image as {ext!r} for {path}.')
     atomic_write_bytes(buf.tobytes(), path)
+
+
+def png_header(data, where: str) -> tuple[int, int, ImageFormat]:
+    """``(H, W, format)`` from the first :data:`PNG_HEADER_BYTES` of a PNG (signature, IHDR and its CRC checked);
+    ``data`` may be longer (bytes or a memoryview). Raises :class:`ImageDecodeError` naming ``where``."""
+    head = bytes(data[:PNG_HEADER_BYTES])
+    if len(head) < PNG_HEADER_BYTES or head[:8] != PNG_SIGNATURE:
+        raise ImageDecodeError(f'{where}: not a PNG image (no PNG signature).')
+    length, kind = struct.unpack('>I4s', head[8:16])
+    if kind != b'IHDR' or length != 13 or zlib.crc32(head[12:29]) != struct.unpack('>I', head[29:33])[0]:
+        raise ImageDecodeError(f'{where}: damaged PNG header (IHDR chunk).')
+    width, height, depth, colour = struct.unpack('>IIBB', head[16:26])
+    if colour not in _PNG_CHANNELS or not width or not height:
+        raise ImageDecodeError(f'{where}: damaged PNG header (colour type {colour}, size {width}x{height}).')
+    return height, width, ImageFormat(16 if depth == 16 else 8, _PNG_CHANNELS[colour])
+
+
+def verify_png(data, where: str) -> None:
+    """Check every chunk CRC of a whole PNG (bytes or memoryview) up to ``IEND``: catches damaged or truncated
+    image data without decoding it."""
+    png_header(data, where)
+    view, pos = memoryview(data), len(PNG_SIGNATURE)
+    while pos + 12 <= len(view):
+        length, kind = struct.unpack('>I4s', view[pos:pos + 8])
+        end = pos + 8 + length
+        if end + 4 > len(view):
+            break
+        if zlib.crc32(view[pos + 4:end]) != struct.unpack('>I', view[end:end + 4])[0]:
+            raise ImageDecodeError(f'{where}: damaged PNG data (CRC mismatch in a {kind.decode("latin-1")} chunk).')
+        if kind == b'IEND':
+            return
+        pos = end + 4
+    raise ImageDecodeError(f'{where}: truncated PNG (no IEND chunk).')
+
+
+def header_format(data, where: str) -> tuple[int, int, Optional[ImageFormat]]:
+    """``(H, W, format)`` of encoded image bytes from their header only (PNG: IHDR; other formats: Pillow's
+    header parser; format None when the mode says nothing about it). Raises :class:`ImageDecodeError`."""
+    if bytes(data[:len(PNG_SIGNATURE)]) == PNG_SIGNATURE:
+        return png_header(data, where)
+    from PIL import Image  # Pillow ships with torchvision
+
+    try:
+        with Image.open(io.BytesIO(bytes(data))) as im:
+            (w, h), mode = im.size, im.mode
+    except Exception:  # Pillow raises several types for what it cannot parse
+        raise ImageDecodeError(f'{where}: not a readable image (expected PNG, TIFF, JPEG or BMP).') from None
+    fmt = _PIL_FORMATS.get(mode)
+    return h, w, ImageFormat(*fmt) if fmt else None
+
+
+def file_format(path: str) -> Optional[ImageFormat]:
+    """Bit depth and channels of an image file as :func:`decode_raw` will return them, from its header (PNG) or
+    Pillow's mode; None when the header does not tell (e.g. 32-bit TIFF) or the file is not readable."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(PNG_HEADER_BYTES)
+        if head[:len(PNG_SIGNATURE)] == PNG_SIGNATURE:
+            return png_header(head, path)[2]
+        from PIL import Image
+        with Image.open(path) as im:
+            fmt = _PIL_FORMATS.get(im.mode)
+    except Exception:  # reported by check_file, which runs on every file anyway
+        return None
+    return ImageFormat(*fmt) if fmt else None
 
 
 def check_file(path: str, verify: bool = True) -> tuple[int, int]:

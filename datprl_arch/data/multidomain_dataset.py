@@ -66,7 +66,7 @@ from datprl_arch.utils.registry import register
 from .degradations import DEGRADATIONS, SR_SCALE, degrade
 from .image_io import DTYPE_RANGE, NETWORK_CHANNELS, decode_raw, to_channels, to_unit
 from .sampling import SAMPLING_MODES, BalancedSchedule
-from .sources import Problems, Source, build_source, parse_source
+from .sources import Problems, Source, build_source, format_warnings, parse_source
 
 #: Type names under which option files written for the official code reach this dataset.
 OFFICIAL_NAMES = ('MultiDatasetPairedImageDataset', 'MultiTaskAllInOneDataset')
@@ -161,6 +161,37 @@ def _vocabulary(names: list[str], fixed: Optional[list], kind: str, problems: Pr
     return fixed
 
 
+def _where(src: Source, role: str, key: str) -> str:
+    """How errors name one image: the file, or the LMDB and its key."""
+    if src.backend == 'lmdb':
+        return f"[{src.name}] {role} LMDB {src.dataroot_gt if role == 'GT' else src.dataroot_lq}, key {key!r}"
+    return f'[{src.name}] {role} {key}'
+
+
+def label_warnings(train_set, val_sets) -> list[str]:
+    """Domain/task names of validation sets that the training set does not have, when the two do not declare the
+    same ``domains:`` / ``tasks:`` lists (each set then numbers its own names, and a typo splits the per-domain
+    report silently). Datasets of other types are skipped."""
+    if not isinstance(train_set, DATPRLMultiDomainDataset):
+        return []
+    warnings = []
+    for val_set in val_sets:
+        if not isinstance(val_set, DATPRLMultiDomainDataset):
+            continue
+        for kind in ('domains', 'tasks'):
+            declared = train_set.opt.get(kind), val_set.opt.get(kind)
+            if declared[0] is not None and declared[0] == declared[1]:
+                continue
+            unknown = [n for n in getattr(val_set, kind) if n not in getattr(train_set, kind)]
+            if unknown:
+                train_name, known = train_set.opt.get('name'), getattr(train_set, kind)
+                warnings.append(f"validation set '{val_set.opt.get('name')}': {kind[:-1]} name(s) {unknown} do not "
+                                f"occur in the training set '{train_name}' ({known}), and the two do not declare the "
+                                f'same `{kind}:` list. A typo? Declare the same `{kind}:` list in every dataset to '
+                                'make such names an error.')
+    return warnings
+
+
 @register(DATASET_REGISTRY, aliases=OFFICIAL_NAMES)
 class DATPRLMultiDomainDataset(data.Dataset):
     """Paired LQ/GT images from many sources, each labelled with its source, domain and task (see module doc)."""
@@ -232,6 +263,8 @@ class DATPRLMultiDomainDataset(data.Dataset):
             quota = f', {batch * prob:.2f} per batch of {batch}' if self.train and batch else ''
             logger.info(f'  source {idx} {src.name}: domain {src.domain}, task {src.task}, {len(src.pairs)} pairs '
                         f'({src.backend}), share {prob:.3f}{quota}.')
+            for warning in format_warnings(src):
+                logger.warning(f"Dataset '{name}', {warning}")
 
     def __len__(self) -> int:
         return len(self.schedule) if self.train else int(self.offsets[-1])
@@ -268,11 +301,11 @@ class DATPRLMultiDomainDataset(data.Dataset):
         src = self.sources[source_idx]
         pair = src.pairs[item]
         client = self._client(source_idx)
-        gt, gt_fmt = decode_raw(client.get(pair.gt, 'gt'), f'[{src.name}] GT {pair.gt}')
+        gt, gt_fmt = decode_raw(client.get(pair.gt, 'gt'), _where(src, 'GT', pair.gt))
         if src.generated:  # the LQ is made from the (cropped) GT below
             lq, lq_fmt = gt, gt_fmt
         else:
-            lq, lq_fmt = decode_raw(client.get(pair.lq, 'lq'), f'[{src.name}] LQ {pair.lq}')
+            lq, lq_fmt = decode_raw(client.get(pair.lq, 'lq'), _where(src, 'LQ', pair.lq))
         s = src.scale
         gt = gt[:lq.shape[0] * s, :lq.shape[1] * s]
         if self.train:  # crop the stored pixels first: converting the whole image would be wasted work

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import os.path as osp
 import re
 from typing import Optional
 
 from basicsr.utils import scandir
 
+from ..errors import DatprlError
+from ..utils.debris import stale_debris
 from .descriptions import DescriptionError, read_descriptions
-from .image_io import ImageDecodeError, check_file
-from .lmdb_env import existing_keys
+from .image_io import ImageDecodeError, ImageFormat, check_file, file_format
+from .lmdb_env import LmdbError, inspect_lmdb, read_build_record
 
 #: Keys a source entry may carry; anything else is reported as a probable typo.
 SOURCE_KEYS = ('name', 'domain', 'task', 'dataroot_gt', 'dataroot_lq', 'io_backend', 'meta_info_file',
@@ -40,7 +44,7 @@ MAX_LISTED = 8
 _META_LINE = re.compile(r'^(?P<name>\S.*?)\s+\((?P<h>\d+),\s*(?P<w>\d+),\s*(?P<c>\d+)\)(?:\s+(?P<level>\d+))?\s*$')
 
 
-class DataSourceError(ValueError):
+class DataSourceError(DatprlError, ValueError):
     """Bad data or options found while building a dataset; the message lists the first problems."""
 
 
@@ -73,6 +77,8 @@ class Pair:
     name: str
     lq_hw: Optional[tuple[int, int]] = None
     gt_hw: Optional[tuple[int, int]] = None
+    lq_fmt: Optional[ImageFormat] = None
+    gt_fmt: Optional[ImageFormat] = None
 
 
 @dataclasses.dataclass
@@ -164,11 +170,13 @@ def parse_source(opt: dict, index: int, problems: Problems, official: bool) -> O
         value = opt.get(key, default)
         try:
             parsed[key] = kind(value)
-            valid = parsed[key] > 0 and (kind is float or float(value) == parsed[key])
-        except (TypeError, ValueError):
+            valid = 0 < parsed[key] < math.inf and (kind is float or float(value) == parsed[key])
+        except (TypeError, ValueError, OverflowError):
             valid = False
         if not valid:
-            problems.add(label, f'{key} must be a positive {kind.__name__}, got {value!r}.')
+            infinite = isinstance(parsed.get(key), float) and not math.isfinite(parsed[key])
+            problems.add(label, f'{key} must be a positive {kind.__name__}, got {value!r}'
+                         f'{" (not a finite number)" if infinite else ""}.')
             ok = False
     if mode not in SOURCE_MODES:
         problems.add(label, f"mode {mode!r} is not supported; use 'paired' (LQ/GT folders), 'noise' (LQ = GT + "
@@ -205,7 +213,7 @@ def pairs_from_folders(name, gt_root, lq_root, tmpl, problems) -> list[Pair]:
     listed = {}
     for root, role in ((gt_root, 'GT'), (lq_root, 'LQ')):
         if not osp.isdir(root):
-            problems.add(name, f'{role} folder {root} does not exist.')
+            problems.add(name, f'{role} folder {root} does not exist{_relative_to_cwd(root)}.')
             return []
         files = scan_images(root)
         if not files:
@@ -275,14 +283,14 @@ def read_lmdb_meta(lmdb_root: str) -> dict[str, tuple[int, int, int]]:
     return meta
 
 
-def _pairs_from_lmdb(name, gt_root, lq_root, problems) -> list[Pair]:
-    metas = {}
+def _pairs_from_lmdb(name, gt_root, lq_root, verify, problems) -> list[Pair]:
+    metas, formats = {}, {}
     for root, role in ((gt_root, 'GT'), (lq_root, 'LQ')):
         if not root.endswith('.lmdb'):
             problems.add(name, f'{role} root {root} must end with .lmdb for io_backend lmdb.')
             return []
         if not osp.isfile(osp.join(root, 'data.mdb')):
-            problems.add(name, f'{role} LMDB {root} does not exist (no data.mdb).')
+            problems.add(name, f'{role} LMDB {root} does not exist (no data.mdb){_relative_to_cwd(root)}.')
             return []
         if not osp.isfile(osp.join(root, 'meta_info.txt')):
             problems.add(name, f'{role} LMDB {root} has no meta_info.txt (expected one line "<key>.png (h,w,c) '
@@ -296,20 +304,57 @@ def _pairs_from_lmdb(name, gt_root, lq_root, problems) -> list[Pair]:
         if not metas[role]:
             problems.add(name, f'{role} LMDB {root} is empty (meta_info.txt lists no images).')
             return []
+        if role == 'LQ' and osp.realpath(root) == osp.realpath(gt_root):  # mode noise: one database
+            formats[role] = formats['GT']
+            continue
         try:
-            missing = sorted(set(metas[role]) - existing_keys(root, metas[role]))
-        except ValueError as err:
-            problems.add(name, str(err))
+            missing, formats[role], bad = inspect_lmdb(root, metas[role], verify)
+        except LmdbError as err:
+            problems.add(name, f'{role} {err}')
             return []
         if missing:
             problems.add(name, f'{role} LMDB {root}: {len(missing)} key(s) in meta_info.txt are missing from the '
-                         f'database, e.g. {missing[:3]}.')
+                         f'database, e.g. {sorted(missing)[:3]}.')
+        for message in bad[:MAX_LISTED]:
+            problems.add(name, f'{role} {message}')
+        if len(bad) > MAX_LISTED:
+            problems.add(name, f'{role} LMDB {root}: {len(bad) - MAX_LISTED} more damaged value(s).')
+    if osp.realpath(gt_root) != osp.realpath(lq_root):
+        _check_lmdb_pair(name, gt_root, lq_root, problems)
     gt_meta, lq_meta = metas['GT'], metas['LQ']
     for key in sorted(set(gt_meta) - set(lq_meta)):
         problems.add(name, f'GT key {key!r} of {gt_root} has no LQ partner in {lq_root}.')
     for key in sorted(set(lq_meta) - set(gt_meta)):
         problems.add(name, f'LQ key {key!r} of {lq_root} has no GT partner in {gt_root}.')
-    return [Pair(key, key, key, lq_meta[key][:2], gt_meta[key][:2]) for key in sorted(set(gt_meta) & set(lq_meta))]
+    return [Pair(key, key, key, lq_meta[key][:2], gt_meta[key][:2], formats['LQ'].get(key), formats['GT'].get(key))
+            for key in sorted(set(gt_meta) & set(lq_meta))]
+
+
+def _check_lmdb_pair(name: str, gt_root: str, lq_root: str, problems: Problems) -> None:
+    """GT and LQ databases of one make_lmdb build: the LQ's record names the content of the GT it was built with
+    (a GT shared by several LQ databases is fine as long as its images are the same). Without records that confirm
+    the pair, the leftover of an interrupted ``make_lmdb --overwrite`` swap (``<db>.old-<pid>`` of a dead process)
+    is an error too."""
+    gt_record, lq_record = read_build_record(gt_root), read_build_record(lq_root)
+    paired = bool(gt_record and lq_record and lq_record.get('partner_content'))
+    if paired and lq_record['partner_content'] == gt_record.get('content'):
+        return  # the records confirm the pair; leftovers of an install that had finished its renames do not matter
+    if paired:
+        problems.add(name, f'GT LMDB {gt_root} (build {gt_record.get("build", "?")[:8]}) and LQ LMDB {lq_root} (build '
+                     f'{lq_record.get("build", "?")[:8]}) come from different make_lmdb runs: the LQ was built '
+                     'against other GT images, so pairs would be misaligned. An interrupted make_lmdb --overwrite '
+                     'leaves this state: run the same make_lmdb command again (it finishes or undoes the '
+                     'interrupted install), or rebuild both databases.')
+    for root in (gt_root, lq_root):
+        parent = osp.dirname(osp.abspath(root))
+        for debris in stale_debris(parent, ('old',), target=root):
+            problems.add(name, f'{debris.path} is left over from a make_lmdb install interrupted in process '
+                         f'{debris.pid}, so {gt_root} and {lq_root} may come from different builds: run the same '
+                         'make_lmdb command again (it finishes or undoes the interrupted install).')
+
+
+def _relative_to_cwd(path: str) -> str:
+    return '' if osp.isabs(path) else f' (relative to the current directory {os.getcwd()})'
 
 
 def _load_descriptions(name: str, path: str, problems: Problems) -> dict:
@@ -331,6 +376,7 @@ def _check_sizes(source: Source, crop: Optional[int], verify: bool, problems: Pr
             except ImageDecodeError as err:
                 problems.add(source.name, str(err))
                 continue
+            pair.gt_fmt, pair.lq_fmt = file_format(pair.gt), file_format(pair.lq)
         (gh, gw), (lh, lw), s = pair.gt_hw, pair.lq_hw, source.scale
         where = f'LQ {pair.lq} {lh}x{lw} vs GT {pair.gt} {gh}x{gw}'
         if (gh // s, gw // s) != (lh, lw):
@@ -345,6 +391,30 @@ def _check_sizes(source: Source, crop: Optional[int], verify: bool, problems: Pr
                          f'gt_size or remove the image.')
 
 
+def format_warnings(source: Source) -> list[str]:
+    """Systematic LQ/GT format mismatches of a source that training accepts but that usually mean a wrong folder:
+    grayscale LQ with colour GT (or the reverse) and different bit depths (e.g. 16-bit GT with 8-bit LQ)."""
+    if source.noise_sigma:  # the LQ is made from the GT
+        return []
+    known = [p for p in source.pairs if p.gt_fmt is not None and p.lq_fmt is not None]
+    channels = [p for p in known if p.gt_fmt.channels != p.lq_fmt.channels]
+    depths = [p for p in known if p.gt_fmt.bit_depth != p.lq_fmt.bit_depth]
+    warnings, total = [], len(source.pairs)
+    if channels:
+        p = channels[0]
+        gray = 'grayscale LQ with a colour GT' if p.lq_fmt.channels == 1 else 'colour LQ with a grayscale GT'
+        warnings.append(f"source '{source.name}': {len(channels)} of {total} pairs have a {gray} (e.g. LQ {p.lq}, "
+                        f'GT {p.gt}); grayscale images are replicated to 3 channels, so the network would have to '
+                        'invent or drop colour. Check dataroot_lq / dataroot_gt.')
+    if depths:
+        p = depths[0]
+        warnings.append(f"source '{source.name}': {len(depths)} of {total} pairs have a {p.gt_fmt.bit_depth}-bit GT "
+                        f'with a {p.lq_fmt.bit_depth}-bit LQ (e.g. LQ {p.lq}, GT {p.gt}); each image is scaled by its '
+                        "own range (8-bit / 255, 16-bit / 65535), which is right only if both hold the same "
+                        'intensities at different depths. Check dataroot_lq / dataroot_gt.')
+    return warnings
+
+
 def build_source(opt: dict, problems: Problems, crop: Optional[int], verify: bool, defaults: dict) -> Optional[Source]:
     """Discover and validate the pairs of one parsed source entry (see :func:`parse_source`)."""
     name = opt['name']
@@ -354,7 +424,7 @@ def build_source(opt: dict, problems: Problems, crop: Optional[int], verify: boo
     gt_root = str(opt['dataroot_gt'])
     lq_root = gt_root if noise else str(opt['dataroot_lq'])
     if io_opt['type'] == 'lmdb':
-        pairs = _pairs_from_lmdb(name, gt_root, lq_root, problems)
+        pairs = _pairs_from_lmdb(name, gt_root, lq_root, verify, problems)
     elif opt.get('meta_info_file'):
         pairs = _pairs_from_meta_info(name, gt_root, lq_root, tmpl, opt['meta_info_file'], problems)
     else:

@@ -20,11 +20,17 @@ from typing import Optional, Sequence
 import torch
 from torch.nn import functional as F
 
+from ..errors import DatprlError, MissingFileError
 from ..utils.atomic import atomic_torch_save
+from ..utils.checkpoint import load_error_summary
 
 EMBEDDINGS_FORMAT = 'datprl-description-embeddings'
 FORMAT_VERSION = 1
 _WRITER = 'python -m datprl_arch.tools.encode_descriptions'
+
+
+class EmbeddingsFileError(DatprlError, ValueError):
+    """A description embeddings file that cannot be used; the message names it and how to write a good one."""
 
 
 def name_variants(name: str) -> tuple[str, ...]:
@@ -74,21 +80,22 @@ class DescriptionEmbeddings:
     def load(cls, path: str) -> 'DescriptionEmbeddings':
         """Read a file written by ``encode_descriptions`` (see the module docstring for the format)."""
         if not osp.isfile(path):
-            raise FileNotFoundError(f'description embeddings file {path} does not exist; write it with {_WRITER}')
+            raise MissingFileError(f'description embeddings file {path} does not exist; write it with {_WRITER}')
         try:
             data = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as err:  # torch raises several types for files that are not torch archives
-            raise ValueError(f'{path} is not a readable description embeddings file ({err}); write it with '
-                             f'{_WRITER}') from err
+            raise EmbeddingsFileError(f'{path} is not a readable description embeddings file '
+                                      f'({load_error_summary(err)}); write it with {_WRITER}') from err
         if not isinstance(data, dict) or data.get('format') != EMBEDDINGS_FORMAT:
-            raise ValueError(f"{path} is not a description embeddings file: expected a dict with format "
-                             f"'{EMBEDDINGS_FORMAT}' as written by {_WRITER}")
+            raise EmbeddingsFileError(f"{path} is not a description embeddings file: expected a dict with format "
+                                      f"'{EMBEDDINGS_FORMAT}' as written by {_WRITER}")
         if data.get('version') != FORMAT_VERSION:
-            raise ValueError(f"{path}: unsupported description embeddings version {data.get('version')!r}, "
-                             f'this datprl reads version {FORMAT_VERSION}')
+            raise EmbeddingsFileError(f"{path}: unsupported description embeddings version "
+                                      f"{data.get('version')!r}, this datprl reads version {FORMAT_VERSION}")
         for key, kind in (('names', list), ('sources', list), ('embeddings', torch.Tensor), ('encoder', str)):
             if not isinstance(data.get(key), kind):
-                raise ValueError(f"{path}: key '{key}' must be a {kind.__name__}, got {type(data.get(key)).__name__}")
+                raise EmbeddingsFileError(f"{path}: key '{key}' must be a {kind.__name__}, got "
+                                          f'{type(data.get(key)).__name__}')
         return cls(data['names'], data['sources'], data['embeddings'], data['encoder'], path)
 
     def save(self, path: str) -> None:

@@ -33,6 +33,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch import distributed as dist
 
 from ..archs.prompt import dead_parameter_names
+from ..errors import DatprlError
 from ..evaluation.metrics import metric_bits_note, parse_metric_bits, score
 from ..losses.pixel_weighting import DEFAULT_FLOOR, PIXEL_WEIGHTINGS, error_weights
 from ..utils.atomic import atomic_torch_save
@@ -51,6 +52,10 @@ MODEL_TRAIN_KEYS = ('fft_opt', 'prompt_lr', 'use_amp', 'amp_dtype', 'grad_clip',
 TRAIN_KEYS = BASICSR_TRAIN_KEYS + MODEL_TRAIN_KEYS + OBJECTIVE_KEYS
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 DEFAULT_MAX_NONFINITE = 5  # consecutive non-finite steps tolerated before training stops
+
+
+class NonFiniteLossError(DatprlError, RuntimeError):
+    """Training stopped after ``max_nonfinite_steps`` non-finite losses in a row (the message says what to change)."""
 
 
 def check_train_keys(train_opt: dict) -> None:
@@ -302,9 +307,9 @@ class DATPRLModel(SRModel):
         get_root_logger().warning(f'iter {current_iter}: {what}; step skipped '
                                   f'({self.nonfinite_steps} in a row, limit {self.max_nonfinite})')
         if self.nonfinite_steps >= self.max_nonfinite:
-            raise RuntimeError(f'{self.nonfinite_steps} consecutive non-finite steps (last: {what}) at iter '
-                               f'{current_iter}; stopping before NaN weights are written. Lower the learning rate, '
-                               'set grad_clip, or check the data.')
+            raise NonFiniteLossError(f'{self.nonfinite_steps} consecutive non-finite steps (last: {what}) at iter '
+                                     f'{current_iter}; stopping before NaN weights are written. Lower the learning '
+                                     'rate, set grad_clip, or check the data.')
 
     def model_ema(self, decay=0.999):
         """EMA of the parameters; buffers are copied (BasicSR's EMA leaves them at their initial values)."""
@@ -318,13 +323,43 @@ class DATPRLModel(SRModel):
                 ema_buffers[name].copy_(buf)
 
     # ---------------------------------------------------------------- saving and resuming
+    def save(self, epoch, current_iter):
+        """BasicSR's save (networks, then training state), skipped with a warning when it would write a poisoned
+        checkpoint: the last step's losses were non-finite (the weights may be finite yet give NaN outputs), or a
+        weight or EMA value is non-finite. The previous checkpoint then stays the newest one resume finds.
+
+        First, on every rank (a collective), the prompt-usage counts of all ranks are collected on rank 0, so its
+        training state holds the whole window's and a resumed run counts them once."""
+        self.objectives.consolidate_stats()
+        why = self._unsafe_to_save()
+        if why:
+            what = ('the final checkpoint' if current_iter == -1 else
+                    f'the checkpoint and training state of iter {current_iter}')
+            get_root_logger().warning(f'Not saving {what}: {why}. The last saved checkpoint stays the newest.')
+            return
+        super().save(epoch, current_iter)
+
+    def _unsafe_to_save(self) -> str | None:
+        """Why the current weights must not be saved, or None."""
+        if getattr(self, 'nonfinite_steps', 0):
+            return f'the last {self.nonfinite_steps} training step(s) had non-finite losses'
+        for label in ('net_g', 'net_g_ema'):
+            if not hasattr(self, label):
+                continue
+            bad = [name for name, value in self.get_bare_model(getattr(self, label)).state_dict().items()
+                   if value.is_floating_point() and not torch.isfinite(value).all()]
+            if bad:
+                return f'{label} holds non-finite values in {len(bad)} tensor(s), e.g. {bad[:3]}'
+        return None
+
     @master_only
     def save_network(self, net, net_label, current_iter, param_key='params'):
         """BasicSR's ``net_<label>_<iter>.pth`` ``{param_key: state_dict}`` plus the network's options under
         :data:`~datprl_arch.utils.checkpoint.NETWORK_KEY` (rebuildable without the option file), written atomically."""
         nets = net if isinstance(net, list) else [net]
         keys = param_key if isinstance(param_key, list) else [param_key]
-        state = {key: {k: v.cpu() for k, v in self.get_bare_model(n).state_dict().items()} for n, key in zip(nets, keys)}
+        state = {key: {k: v.cpu() for k, v in self.get_bare_model(n).state_dict().items()}
+                 for n, key in zip(nets, keys)}
         network_opt = self.opt.get(net_label.replace('net_', 'network_', 1))  # net_g -> network_g
         if network_opt:
             state[NETWORK_KEY] = plain_options(network_opt)
@@ -342,12 +377,6 @@ class DATPRLModel(SRModel):
                  'scaler': self.scaler.state_dict(), 'objectives': self.objectives.state_dict(),
                  'objective_stats': self.objectives.stats_state()}
         atomic_torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
-
-    def save(self, epoch, current_iter):
-        """BasicSR's save (rank 0 writes); first, on every rank, the prompt-usage counts of all ranks are collected
-        on rank 0, so its training state holds the whole window's and a resumed run counts them once."""
-        self.objectives.consolidate_stats()
-        super().save(epoch, current_iter)
 
     def resume_training(self, resume_state):
         super().resume_training(resume_state)

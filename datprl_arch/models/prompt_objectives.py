@@ -16,11 +16,15 @@ differ) is owned here, so the network's state_dict keeps the official keys.
 Description embeddings come from ``text_embeddings`` (a file written by ``python -m
 datprl_arch.tools.encode_descriptions``) or, as in the official option file, from ``text_description_paths`` (one
 descriptions JSON per training source, in source order) encoded at start-up with the local CLIP RN50 weights of
-``clip_weights`` (or ``text_encoder: hash``, the deterministic stand-in). Without either, the constraint is disabled
-with a warning, as the official configuration describes.
+``clip_weights`` (or ``text_encoder: hash``, the deterministic stand-in). ``use_clip_constraint: true`` without
+either is an error (:func:`clip_constraint_problem`; the option validation reports it before anything is built):
+the method would silently train without its domain prior. Set ``use_clip_constraint: false`` to train without it.
+Every file of ``text_description_paths`` must exist, whichever encoder is used.
 """
 from __future__ import annotations
 
+import os
+import os.path as osp
 from collections import OrderedDict
 from typing import Optional, Sequence
 
@@ -30,6 +34,7 @@ from torch import nn
 
 from ..losses import (DATPRLBalanceLoss, DATPRLDiversityLoss, DATPRLDomainAlignmentLoss, DATPRLSupConLoss,
                       DescriptionEmbeddings, PromptUsageTracker, TextSpaceProjection, reinitialise_prompts)
+from ..options import OptionFileError
 
 OBJECTIVE_KEYS = (
     'use_clip_constraint', 'clip_model', 'clip_weights', 'text_encoder', 'clip_alignment_weight',
@@ -39,6 +44,23 @@ OBJECTIVE_KEYS = (
 DEFAULT_STATS_FREQ = 5000
 ALIGNMENT_TARGETS = ('domain_prompt', 'domain_query', 'prompt')
 TEXT_ENCODERS = (None, 'clip', 'hash')  # encoders of text_description_paths at start-up (None: none available)
+
+
+def clip_constraint_problem(train_opt: dict) -> Optional[str]:
+    """Why ``use_clip_constraint: true`` cannot be applied with these ``train:`` options (no embeddings file, no
+    description files, or description files without an encoder), or None. Files are checked where they are read."""
+    if not train_opt.get('use_clip_constraint') or train_opt.get('text_embeddings'):
+        return None
+    if not train_opt.get('text_description_paths'):
+        what = 'neither text_embeddings nor text_description_paths is set'
+    elif not train_opt.get('clip_weights') and train_opt.get('text_encoder') != 'hash':
+        what = 'text_description_paths is set but no encoder for them (clip_weights or text_encoder: hash)'
+    else:
+        return None
+    return (f'use_clip_constraint: true, but the domain-prior constraint cannot be applied: {what}. Set '
+            'text_embeddings to a file written by python -m datprl_arch.tools.encode_descriptions, or '
+            'clip_weights to local CLIP RN50 weights for text_description_paths; or set use_clip_constraint: false '
+            'to train without the constraint')
 
 
 def _pools(net: nn.Module) -> 'OrderedDict[str, nn.Module]':
@@ -56,7 +78,6 @@ class PromptObjectives(nn.Module):
 
     def __init__(self, train_opt: dict, opt: dict, net: nn.Module):
         super().__init__()
-        logger = get_root_logger()
         self.pools = list(_pools(net))
         weights = {key: float(train_opt.get(key) or 0) for key in
                    ('prompt_diversity_weight', 'prompt_balance_weight', 'prompt_contrastive_weight')}
@@ -78,11 +99,9 @@ class PromptObjectives(nn.Module):
         self.alignment, self.projection, self.texts = None, None, None
         if train_opt.get('use_clip_constraint'):
             self.texts = self._description_embeddings(train_opt, opt)
-            if self.texts is not None:
-                self._setup_alignment(train_opt, net)
-        if self.alignment is None and self.texts is None and train_opt.get('use_clip_constraint'):
-            logger.warning('use_clip_constraint: no description embeddings available; the domain-prior alignment '
-                           'is disabled (set text_embeddings, or clip_weights with text_description_paths).')
+            if self.texts is None:
+                raise OptionFileError(f'train.{clip_constraint_problem(train_opt)}')
+            self._setup_alignment(train_opt, net)
 
     # ------------------------------------------------------------ setup
     @staticmethod
@@ -92,6 +111,10 @@ class PromptObjectives(nn.Module):
         paths = train_opt.get('text_description_paths') or []
         if not paths:
             return None
+        missing = [str(p) for p in paths if not osp.isfile(str(p))]
+        if missing:
+            raise OptionFileError(f'train.text_description_paths: {len(missing)} of {len(paths)} description file(s) '
+                                  f'do not exist: {missing} (relative paths start from {os.getcwd()})')
         from ..tools.encode_descriptions import DescriptionError, clip_encoder, encode_files, hash_encoder
         sources = _train_source_names(opt)
         if len(sources) != len(paths):

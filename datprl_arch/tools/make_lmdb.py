@@ -10,7 +10,11 @@ image under the key ``<stem>`` and a ``meta_info.txt`` with ``<stem>.png (h,w,c)
 * keeps 16-bit and single-channel images as they are;
 * sizes the map explicitly from the images' pixel counts instead of extrapolating from the first image;
 * writes to ``<name>.lmdb.partial-<pid>``, reads every value back, and only then renames to ``<name>.lmdb``, so an
-  interrupted run never leaves a database that looks complete.
+  interrupted run never leaves a database that looks complete;
+* writes a build record (``datprl_build.json``: build id, content digest, and for a GT/LQ pair the partner's
+  digest) into each database, so a dataset refuses a GT and an LQ of different builds;
+* installs a pair only when both are complete, and the next run (of any make_lmdb on these paths) finishes an
+  install that a killed run left half done (the new GT beside the old LQ), or undoes an incomplete one.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import os.path as osp
 import re
 import shutil
 import sys
+import uuid
 from typing import Optional, Sequence
 
 import cv2
@@ -29,7 +34,11 @@ import lmdb
 import numpy as np
 
 from datprl_arch.data.image_io import check_file
+from datprl_arch.data.lmdb_env import BUILD_FILE, BUILD_FORMAT, read_build_record
 from datprl_arch.data.sources import Problems, pairs_from_folders, read_lmdb_meta, scan_images, stem
+from datprl_arch.errors import DatprlError
+from datprl_arch.utils.atomic import atomic_write_json
+from datprl_arch.utils.debris import remove, stale_debris
 
 #: PNG compression level of stored values (BasicSR's default: fast to decode).
 DEFAULT_COMPRESS_LEVEL = 1
@@ -44,7 +53,7 @@ MAX_KEY_BYTES = 511
 _KEY = re.compile(r'^[!-~]+$')
 
 
-class LmdbWriteError(ValueError):
+class LmdbWriteError(DatprlError, ValueError):
     """The inputs cannot be written as a valid BasicSR LMDB; the message lists the problems."""
 
 
@@ -91,11 +100,97 @@ def estimate_map_size(paths: Sequence[str]) -> int:
     return pixels * MAP_BYTES_PER_PIXEL + MAP_SIZE_ALLOWANCE
 
 
-def _remove_stale_partials(lmdb_path: str) -> None:
-    parent, base = osp.split(osp.abspath(lmdb_path))
-    for entry in os.listdir(parent or '.'):
-        if entry.startswith(base + '.partial-'):
-            shutil.rmtree(osp.join(parent, entry), ignore_errors=True)
+def _content_digest(digests: dict) -> str:
+    """Digest of a database's content: its keys and the digests of their values."""
+    total = hashlib.blake2b(digest_size=16)
+    for key in sorted(digests):
+        total.update(key.encode('ascii') + b'\0' + digests[key])
+    return total.hexdigest()
+
+
+def _write_records(builds: dict, build: str) -> None:
+    """Write the build record into each built (not yet installed) database; ``builds`` maps a role (``single``,
+    ``gt``, ``lq``) to ``(target path, temporary path, value digests)``. The record is written last: a temporary
+    database with a record is complete."""
+    contents = {role: _content_digest(digests) for role, (_, _, digests) in builds.items()}
+    for role, (path, tmp, digests) in builds.items():
+        partner = {'gt': 'lq', 'lq': 'gt'}.get(role)
+        record = {'format': BUILD_FORMAT, 'version': 1, 'build': build, 'role': role, 'content': contents[role],
+                  'entries': len(digests), 'partner': None, 'partner_content': None}
+        if partner:
+            record.update(partner=osp.relpath(osp.abspath(builds[partner][0]), osp.dirname(osp.abspath(path))),
+                          partner_content=contents[partner])
+        atomic_write_json(record, osp.join(tmp, BUILD_FILE))
+
+
+def _partners(path: str, pid: int) -> list[str]:
+    """``path`` and the databases its build records (current, new, old) name as its partner."""
+    group = [osp.abspath(path)]
+    for candidate in (f'{path}.partial-{pid}', path, f'{path}.old-{pid}'):
+        record = read_build_record(candidate) if osp.isdir(candidate) else None
+        if record and record.get('partner'):
+            partner = osp.normpath(osp.join(osp.dirname(osp.abspath(path)), record['partner']))
+            if partner not in group:
+                group.append(partner)
+    return group
+
+
+def _recover(group: list[str], pid: int) -> str:
+    """Finish (every database of process ``pid``'s build is complete) or undo (it is not) its install."""
+    partial, old = {p: f'{p}.partial-{pid}' for p in group}, {p: f'{p}.old-{pid}' for p in group}
+
+    def build_of(path):
+        record = read_build_record(path) if osp.isdir(path) else None
+        return record.get('build') if record else None
+
+    builds = {build_of(partial[p]) for p in group} - {None}
+    build = builds.pop() if len(builds) == 1 else None
+    if build is not None and all(build in (build_of(partial[p]), build_of(p)) for p in group):
+        for p in group:  # GT first, as the interrupted run did
+            if osp.isdir(partial[p]):
+                if osp.lexists(p):
+                    remove(old[p])
+                    os.replace(p, old[p])
+                os.replace(partial[p], p)
+        action = 'finished'
+    elif not any(osp.lexists(partial[p]) for p in group) and all(osp.lexists(p) for p in group):
+        action = 'already complete (the new databases were in place; the old copies are removed)'
+    else:
+        for p in group:
+            remove(partial[p])
+            if not osp.lexists(p) and osp.lexists(old[p]):
+                os.replace(old[p], p)
+        action = 'undone (the previous databases are kept)'
+    for p in group:
+        remove(old[p])
+    return f'An install of {" + ".join(group)} interrupted in process {pid} was {action}.'
+
+
+def recover_interrupted_installs(lmdb_paths: Sequence[str]) -> list[str]:
+    """Finish or undo the installs that dead processes left half done at ``lmdb_paths`` (and their partners):
+    ``<db>.partial-<pid>`` / ``<db>.old-<pid>`` of a process no longer running. Returns what was done (logged)."""
+    from basicsr.utils import get_root_logger
+
+    done = []
+    for path in lmdb_paths:
+        parent = osp.dirname(osp.abspath(path))
+        for pid in sorted({d.pid for d in stale_debris(parent, ('partial', 'old'), target=path)}):
+            done.append(_recover(_partners(path, pid), pid))
+            get_root_logger().warning(done[-1])
+    return done
+
+
+def _install(built: Sequence[tuple[str, str]]) -> None:
+    """Rename the checked temporary databases ``(tmp, target)`` into place, in order; old ones are renamed aside
+    first and removed only after every new one is in place (an interruption is recovered by the next run)."""
+    pid = os.getpid()
+    for tmp, path in built:
+        if osp.lexists(path):
+            remove(f'{path}.old-{pid}')
+            os.replace(path, f'{path}.old-{pid}')
+        os.replace(tmp, path)
+    for _, path in built:
+        remove(f'{path}.old-{pid}')
 
 
 def write_lmdb(items: Sequence[tuple[str, str]], lmdb_path: str, compress_level: int = DEFAULT_COMPRESS_LEVEL,
@@ -108,12 +203,18 @@ def write_lmdb(items: Sequence[tuple[str, str]], lmdb_path: str, compress_level:
     BasicSR's ``LmdbMaker`` is not used because it exits the process on an existing path and writes
     ``meta_info.txt`` while values are still being added.
     """
+    recover_interrupted_installs([lmdb_path])
     problems = Problems(lmdb_path)
     _check_items(items, lmdb_path, overwrite, problems)
     _raise(problems)
-    tmp, count = _build(items, lmdb_path, compress_level, map_size)
-    _install(tmp, lmdb_path)
-    return count
+    tmp, digests = _build(items, lmdb_path, compress_level, map_size)
+    try:
+        _write_records({'single': (lmdb_path, tmp, digests)}, uuid.uuid4().hex)
+    except BaseException:
+        remove(tmp)
+        raise
+    _install([(tmp, lmdb_path)])
+    return len(digests)
 
 
 def _check_items(items: Sequence[tuple[str, str]], lmdb_path: str, overwrite: bool, problems: Problems) -> None:
@@ -135,11 +236,11 @@ def _check_items(items: Sequence[tuple[str, str]], lmdb_path: str, overwrite: bo
 
 
 def _build(items, lmdb_path: str, compress_level: int = DEFAULT_COMPRESS_LEVEL,
-           map_size: Optional[int] = None) -> tuple[str, int]:
-    """Write and verify ``<lmdb_path>.partial-<pid>``; returns it (not yet installed) and the number of values.
-    Nothing is left behind on failure."""
+           map_size: Optional[int] = None) -> tuple[str, dict]:
+    """Write and verify ``<lmdb_path>.partial-<pid>``; returns it (not yet installed, no build record yet) and the
+    value digests. Nothing is left behind on failure."""
     map_size = int(map_size or estimate_map_size([p for _, p in items]))
-    _remove_stale_partials(lmdb_path)
+    os.makedirs(osp.dirname(osp.abspath(lmdb_path)), exist_ok=True)
     tmp = f'{lmdb_path}.partial-{os.getpid()}'
     try:
         digests, meta = _write_values(items, tmp, map_size, compress_level)
@@ -152,7 +253,7 @@ def _build(items, lmdb_path: str, compress_level: int = DEFAULT_COMPRESS_LEVEL,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return tmp, len(digests)
+    return tmp, digests
 
 
 def _write_values(items, tmp, map_size, compress_level) -> tuple[dict, list[str]]:
@@ -191,17 +292,6 @@ def _read_back(tmp: str, digests: dict) -> None:
         raise LmdbWriteError(f'{tmp}: {stored} entries stored, {len(digests)} expected; nothing was installed.')
 
 
-def _install(tmp: str, lmdb_path: str) -> None:
-    """Rename the checked temporary database into place, replacing an old one only after the new one is ready."""
-    old = None
-    if osp.exists(lmdb_path):
-        old = f'{lmdb_path}.old-{os.getpid()}'
-        os.replace(lmdb_path, old)
-    os.replace(tmp, lmdb_path)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _raise(problems: Problems) -> None:
     try:
         problems.raise_if_any()
@@ -222,6 +312,7 @@ def make_paired_lmdb(gt_dir: str, lq_dir: str, gt_lmdb: str, lq_lmdb: str, filen
     before anything is written; both databases are built and verified before either is installed.
     ``kwargs`` (``compress_level``, ``map_size``, ``overwrite``) are those of :func:`write_lmdb`.
     """
+    recover_interrupted_installs([gt_lmdb, lq_lmdb])
     problems = Problems(f'{gt_dir} + {lq_dir}')
     pairs = pairs_from_folders('pairing', gt_dir, lq_dir, filename_tmpl, problems)
     gt_items, lq_items = [(p.name, p.gt) for p in pairs], [(p.name, p.lq) for p in pairs]
@@ -230,15 +321,18 @@ def make_paired_lmdb(gt_dir: str, lq_dir: str, gt_lmdb: str, lq_lmdb: str, filen
     _check_items(lq_items, lq_lmdb, overwrite, problems)
     _raise(problems)
     build = {k: v for k, v in kwargs.items() if k != 'overwrite'}
-    gt_tmp, count = _build(gt_items, gt_lmdb, **build)
+    gt_tmp, gt_digests = _build(gt_items, gt_lmdb, **build)
+    lq_tmp = None
     try:
-        lq_tmp, _ = _build(lq_items, lq_lmdb, **build)
+        lq_tmp, lq_digests = _build(lq_items, lq_lmdb, **build)
+        _write_records({'gt': (gt_lmdb, gt_tmp, gt_digests), 'lq': (lq_lmdb, lq_tmp, lq_digests)}, uuid.uuid4().hex)
     except BaseException:
-        shutil.rmtree(gt_tmp, ignore_errors=True)
+        for tmp in (gt_tmp, lq_tmp):
+            if tmp:
+                remove(tmp)
         raise
-    _install(gt_tmp, gt_lmdb)  # both databases are complete and verified: install them together
-    _install(lq_tmp, lq_lmdb)
-    return count
+    _install([(gt_tmp, gt_lmdb), (lq_tmp, lq_lmdb)])  # both are complete and verified: install them together
+    return len(gt_digests)
 
 
 def verify_lmdb(lmdb_path: str) -> int:

@@ -10,11 +10,14 @@ Pickle files are always read with ``weights_only=True``: a checkpoint cannot run
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 from typing import Mapping, Optional
 
 import torch
 from torch import nn
+
+from ..errors import DatprlError
 
 PARAM_KEYS = ('params_ema', 'params')  # BasicSR, in order of preference
 LIGHTNING_KEY, LIGHTNING_PREFIX = 'state_dict', 'net.'
@@ -24,14 +27,26 @@ WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DataParallel/DDP and torch.compi
 NETWORK_KEY = 'network_g'
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DatprlError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the network."""
+
+
+def load_error_summary(err: Exception) -> str:
+    """The informative line of a ``torch.load`` error: for a refused pickle, the global it would have loaded (torch's
+    text around it recommends ``weights_only=False``, which would run that code), else the first line."""
+    refused = re.search(r'GLOBAL ([\w.]+)', str(err))
+    if refused:
+        return (f'it holds the Python object {refused[1]}, which loading would have to run; refused, nothing was '
+                'executed')
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f'{type(err).__name__}: {lines[0] if lines else ""}'
 
 
 def read_checkpoint(path: str) -> Mapping:
     """The mapping stored in ``path`` (``.pth``/``.ckpt`` read with ``weights_only=True``, or ``.safetensors``)."""
     if not os.path.isfile(path):
-        raise CheckpointError(f'checkpoint {path} does not exist')
+        where = '' if os.path.isabs(path) else f' (relative to the current directory {os.getcwd()})'
+        raise CheckpointError(f'checkpoint {path} does not exist{where}')
     if path.endswith('.safetensors'):
         try:
             from safetensors.torch import load_file
@@ -41,7 +56,8 @@ def read_checkpoint(path: str) -> Mapping:
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:  # pickle errors come in many types; all mean the same thing here
-        raise CheckpointError(f'cannot read {path} as a PyTorch checkpoint with weights_only=True ({err}). '
+        raise CheckpointError(f'cannot read {path} as a PyTorch checkpoint with weights_only=True '
+                              f'({load_error_summary(err)}). '
                               'Files holding non-tensor Python objects must be re-saved as a plain state_dict '
                               'from a trusted environment.') from err
 
@@ -100,7 +116,9 @@ def load_checkpoint(net: nn.Module, path: str, param_key: Optional[str] = None, 
 
     ``param_key``: the preferred entry of a BasicSR file (see ``extract_state_dict``).
 
-    A mismatch raises ``CheckpointError`` naming the missing and unexpected keys and the shape mismatches.
+    A mismatch raises ``CheckpointError`` naming the missing and unexpected keys and the shape mismatches. With
+    ``strict=False`` (BasicSR's ``strict_load_g: false``) they are logged as a warning instead, as BasicSR does:
+    missing keys keep their initial values, unexpected keys and tensors of another shape are skipped.
     """
     return load_weights(net, extract_state_dict(read_checkpoint(path), param_key, source=path), path, strict)
 
@@ -110,6 +128,8 @@ def load_weights(net: nn.Module, state_dict: Mapping[str, torch.Tensor], source:
     """``net.load_state_dict`` (unwrapping DataParallel/DDP) whose mismatch raises ``CheckpointError`` naming the
     missing and unexpected keys and the shape mismatches; ``source`` names the checkpoint. Returns ``net``."""
     net = getattr(net, 'module', net)
+    if not strict:
+        state_dict = _lenient(net, state_dict, path)
     try:
         net.load_state_dict(state_dict, strict=strict)
     except RuntimeError as err:
@@ -121,3 +141,26 @@ def load_weights(net: nn.Module, state_dict: Mapping[str, torch.Tensor], source:
             f'{len(unexpected)} unexpected keys {unexpected[:8]}. Check that network_g matches the configuration '
             f'the checkpoint was trained with. ({str(err).splitlines()[-1].strip()})') from err
     return net
+
+
+#: How many keys a lenient-loading warning lists per kind.
+LISTED_KEYS = 8
+
+
+def _lenient(net: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str) -> 'OrderedDict[str, torch.Tensor]':
+    """``state_dict`` without the tensors whose shape differs from ``net``'s, after a warning that lists those, the
+    missing and the unexpected keys (nothing is logged when the checkpoint fits exactly)."""
+    from basicsr.utils import get_root_logger
+
+    own = net.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [k for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        shapes = [f'{k}: checkpoint {list(state_dict[k].shape)} vs network {list(own[k].shape)}'
+                  for k in mismatched[:LISTED_KEYS]]
+        get_root_logger().warning(
+            f'strict_load: false: {path} does not fit {type(net).__name__} exactly: {len(missing)} missing key(s) '
+            f'keep their initial values {missing[:LISTED_KEYS]}; {len(unexpected)} unexpected key(s) are ignored '
+            f'{unexpected[:LISTED_KEYS]}; {len(mismatched)} tensor(s) of another shape are skipped {shapes}.')
+    return OrderedDict((k, v) for k, v in state_dict.items() if k not in mismatched)
