@@ -38,7 +38,7 @@ LOADER_KEYS = ('name', 'type', 'phase', 'scale', 'batch_size_per_gpu', 'num_work
                'prefetch_mode', 'pin_memory', 'persistent_workers', 'num_prefetch_queue', 'use_shuffle')
 #: Dataset-level keys of DATPRLMultiDomainDataset (``batch_size``: the official files' print-only quota).
 MULTIDOMAIN_KEYS = ('datasets', 'gt_size', 'use_hflip', 'use_rot', 'channels', 'sampling', 'sampling_seed',
-                    'domains', 'tasks', 'verify_images', 'color', 'mean', 'std', 'batch_size')
+                    'domains', 'tasks', 'verify_images', 'color', 'mean', 'std', 'batch_size', 'photometric')
 #: Keys of BasicSR's own paired and single-image datasets.
 BASICSR_DATASET_KEYS = {
     'PairedImageDataset': ('dataroot_gt', 'dataroot_lq', 'meta_info_file', 'io_backend', 'filename_tmpl', 'gt_size',
