@@ -115,7 +115,7 @@ def test_option_fragments_build_through_basicsr(built):
     train_opt, test_opt, unseen_opt = (yaml.safe_load(open(osp.join(out, f'options_{k}.yml')))['datasets']
                                        for k in ('train', 'test', 'unseen'))
     assert sorted(test_opt) == sorted(f'test_{t.name}' for t in mdmini.TASKS)
-    assert 'unseen_natural_clean' in unseen_opt and 'unseen_medical_ct_denoise' not in unseen_opt
+    assert 'test_unseen_natural_clean' in unseen_opt and 'test_unseen_medical_ct_denoise' not in unseen_opt
     opt = dict(train_opt['train'], phase='train', batch_size_per_gpu=12, num_worker_per_gpu=0, sampling_seed=0)
     ds = build_dataset(opt)
     batch = next(iter(build_dataloader(ds, opt, num_gpu=0, sampler=EnlargedSampler(ds, 1, 0, 1), seed=0)))
@@ -130,7 +130,7 @@ def test_option_fragments_build_through_basicsr(built):
     item = val[0]
     assert (item['domain_name'], item['task_name'], item['bit_depth'], item['channels']) == \
         ('medical', 'ct_denoise', 16, 1)
-    test = build_dataset(dict(unseen_opt['unseen_rs_dehaze'], phase='test'))
+    test = build_dataset(dict(unseen_opt['test_unseen_rs_dehaze'], phase='test'))
     assert len(test) == HELD_OUT_IMAGES['test'] and torch.is_tensor(test[0]['gt'])
 
 

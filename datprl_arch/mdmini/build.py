@@ -34,7 +34,7 @@ from .split import HELD_OUT_IMAGES, SPLITS, Block, blocks, held_out_side, limit_
 from .tasks import CLEAN_TASKS, CLEAN_WEIGHT, DOMAIN_WORDS, DOMAINS, POOL_DOMAIN, TASKS, Task
 
 #: Bump when the generated content changes, so older builds are not reused.
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 DEFAULT_OUT = osp.join('datasets', 'md_mini')
 #: Training blocks kept per pool (a seeded choice among the textured ones).
 DEFAULT_LIMIT = 64
@@ -143,10 +143,12 @@ def dataset_options(out: str, tasks: Sequence[Task], unseen: Sequence[Task]) -> 
              'batch_size_per_gpu': len(tasks), 'dataset_enlarge_ratio': 100, 'prefetch_mode': None}
 
     def held_out(split, chosen, root):
-        return {f'{split}_{t.name}': {'name': f'md_mini_{split}_{t.name}', 'type': 'DATPRLMultiDomainDataset',
-                                      'datasets': [_source(out, t, osp.join(root, t.name, *([split] if root == out
-                                                                                            else [])),
-                                                           'lmdb', False)], **vocab, 'channels': 3}
+        phase = 'val' if split == 'val' else 'test'  # BasicSR reads the phase from the key's prefix
+        key = split if split == phase else f'{phase}_{split}'
+        folder = {t.name: osp.join(root, t.name, split) if root == out else osp.join(root, t.name) for t in chosen}
+        return {f'{key}_{t.name}': {'name': f'md_mini_{split}_{t.name}', 'type': 'DATPRLMultiDomainDataset',
+                                    'datasets': [_source(out, t, folder[t.name], 'lmdb', False)], **vocab,
+                                    'channels': 3}
                 for t in chosen}
 
     degraded = [t for t in tasks if t.degradation != 'identity']
