@@ -166,6 +166,8 @@ def test_set_statistics_by_hand():
     assert row['gain_ssim'] == pytest.approx(0.075)
     half = 12.706 * math.sqrt(0.05 ** 2 / 2) / math.sqrt(2)  # gains 0.1, 0.05; t(0.975, 1 df)
     assert row['gain_ssim_ci95'] == pytest.approx([0.075 - half, 0.075 + half])
+    clean = summarize_set([{'psnr_in': None, 'psnr_out': 40.0}, {'psnr_in': None, 'psnr_out': 42.0}])
+    assert clean['psnr_in'] is None and clean['gain_psnr'] is None and clean['psnr_out'] == pytest.approx(41.0)
     single = summarize_set(scores[:1])
     assert single['psnr_std'] is None and single['gain_psnr_ci95'] is None and single['gain_psnr'] == 1.0
     assert t_quantile_975(35) == 2.042 and t_quantile_975(10 ** 5) == 1.96

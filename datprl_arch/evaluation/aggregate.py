@@ -62,11 +62,12 @@ def summarize_set(scores: Sequence[dict]) -> dict:
     row = {'n_images': len(scores)}
     for m in METRICS:
         kept = [s for s in scores if s.get(f'{m}_in') is not None and s.get(f'{m}_out') is not None]
-        inputs = [s[f'{m}_in'] for s in kept]
-        outputs = [s[f'{m}_out'] for s in kept]
-        gains = [o - i for i, o in zip(inputs, outputs)]
-        mean_in, std_in, _ = mean_std_ci(inputs)
-        mean_out, std_out, _ = mean_std_ci(outputs)
+        gains = [s[f'{m}_out'] - s[f'{m}_in'] for s in kept]
+        # both sides over the same images, so that gain = out - in; a set of clean inputs (infinite input PSNR
+        # everywhere) has no gain, but its restored images are still scored
+        scored = kept or [s for s in scores if s.get(f'{m}_out') is not None]
+        mean_in, std_in, _ = mean_std_ci([s[f'{m}_in'] for s in kept])
+        mean_out, std_out, _ = mean_std_ci([s[f'{m}_out'] for s in scored])
         gain, gain_std, gain_ci = mean_std_ci(gains)
         row.update({f'n_{m}': len(kept), f'{m}_in': mean_in, f'{m}_out': mean_out, f'gain_{m}': gain,
                     f'{m}_std': std_out, f'{m}_in_std': std_in, f'gain_{m}_std': gain_std,
