@@ -32,7 +32,7 @@ _NETWORK_PATH_KEY = re.compile(r'^(pretrain_network|param_key|strict_load)_\w+$'
 LOGGER_KEYS = ('print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb')
 VAL_KEYS = ('val_freq', 'save_img', 'suffix', 'metrics', 'pbar', 'center_frame_only', 'flip_seq', 'num_val_samples',
             'num_val_datasets', 'prompt_analysis', 'prompt_analysis_save_path')
-DIST_KEYS = ('backend', 'port')
+DIST_KEYS = ('backend', 'port', 'timeout')
 #: What BasicSR's ``build_dataloader`` / ``parse_options`` read of every dataset entry.
 LOADER_KEYS = ('name', 'type', 'phase', 'scale', 'batch_size_per_gpu', 'num_worker_per_gpu', 'dataset_enlarge_ratio',
                'prefetch_mode', 'pin_memory', 'persistent_workers', 'num_prefetch_queue', 'use_shuffle')
