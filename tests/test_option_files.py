@@ -167,7 +167,7 @@ class StandIns:
 
     def source(self, src):
         gt_folder, gt_root = self._once(('gt', src['dataroot_gt'], src['io_backend']['type']), lambda: self._gt(src))
-        if src.get('mode') != 'noise':  # noise sources make their LQ from the GT
+        if src.get('mode') not in ('noise', 'synth'):  # these sources make their LQ from the GT
             src['dataroot_lq'] = self._once(('lq', src['dataroot_lq'], src['io_backend']['type'],
                                              src.get('scale', 1)), lambda: self._lq(src, gt_folder))
         src['dataroot_gt'] = gt_root
@@ -246,9 +246,10 @@ def check_datasets(opt):
         if ds_opt['phase'] == 'train':
             batch = dataset.__getitems__(list(range(int(ds_opt['batch_size_per_gpu']))))
             side = int(ds_opt['gt_size'])
-            names = [s['name'] for s in ds_opt['datasets']]
-            if ds_opt.get('sampling', 'balanced') == 'balanced' and len(batch) >= len(names):
-                assert {item['source_name'] for item in batch} == set(names), 'a balanced batch misses a source'
+            weights = {s['name']: float(s.get('weight', 1.0)) for s in ds_opt['datasets']}
+            due = {n for n, w in weights.items() if w / sum(weights.values()) * len(batch) >= 1}  # >= 1 per batch
+            if ds_opt.get('sampling', 'balanced') == 'balanced':
+                assert due <= {item['source_name'] for item in batch}, 'a balanced batch misses a source'
         else:
             batch = [dataset[i] for i in range(len(dataset))]
             side = standin_side(opt)

@@ -38,7 +38,7 @@ from datprl_arch.utils import resume
 from datprl_arch.utils.checkpoint import CheckpointError, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_FILE = os.path.join(ROOT, 'options', 'train', 'md_mini_datprl.yml')
+TRAIN_FILE = os.path.join(ROOT, 'options', 'demo', 'md_mini_train.yml')
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
 SUBPROCESS_TIMEOUT_S = 300
 TINY_NET = dict(type='PaddedRestormer', dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1])

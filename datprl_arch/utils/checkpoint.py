@@ -129,7 +129,7 @@ def load_weights(net: nn.Module, state_dict: Mapping[str, torch.Tensor], source:
     missing and unexpected keys and the shape mismatches; ``source`` names the checkpoint. Returns ``net``."""
     net = getattr(net, 'module', net)
     if not strict:
-        state_dict = _lenient(net, state_dict, path)
+        state_dict = _lenient(net, state_dict, source)
     try:
         net.load_state_dict(state_dict, strict=strict)
     except RuntimeError as err:
