@@ -29,6 +29,7 @@ import numpy as np
 from ..data import degradations as deg
 from ..data.image_io import ImageFormat, to_stored
 from ..tools.make_lmdb import folder_items, make_paired_lmdb, write_lmdb
+from ..utils.debris import remove, stale_debris
 from .images import POOLS, UNSEEN_POOLS
 from .split import HELD_OUT_IMAGES, SPLITS, Block, blocks, held_out_side, limit_blocks, split_pool
 from .tasks import CLEAN_TASKS, CLEAN_WEIGHT, DOMAIN_WORDS, DOMAINS, POOL_DOMAIN, TASKS, Task
@@ -173,27 +174,12 @@ def _write_fragments(tmp: str, out: str, tasks, unseen, seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- build
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_builds(out: str) -> list[str]:
     """Delete ``<out>.partial-<pid>`` / ``<out>.old-<pid>`` folders left by builds whose process is gone."""
-    parent, base = osp.split(osp.abspath(out))
-    removed = []
-    for entry in os.listdir(parent) if osp.isdir(parent) else ():
-        for marker in ('.partial-', '.old-'):
-            pid = entry[len(base + marker):] if entry.startswith(base + marker) else ''
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                shutil.rmtree(osp.join(parent, entry), ignore_errors=True)
-                removed.append(osp.join(parent, entry))
-    return removed
+    stale = stale_debris(osp.dirname(osp.abspath(out)), ('partial', 'old'), target=osp.abspath(out))
+    for debris in stale:
+        remove(debris.path)
+    return [debris.path for debris in stale]
 
 
 def _check_target(out: str, wanted: dict, overwrite: bool) -> Optional[dict]:
