@@ -1,5 +1,5 @@
 # Two commands on a fresh clone (Python 3.11; torch is pinned):
-#   make demo   install once, build MD-Mini, train DATPRL on its 9 tasks (CPU: about ten minutes), then benchmark
+#   make demo   install once, build MD-Mini, train DATPRL on its 9 tasks (CPU: a few minutes), then benchmark
 #               it against the degraded inputs on the 9 test sets and on the unseen check
 #   make test   install once, then run the test suite
 # Also: make demo-ablation (prompt-free backbone, task pool only, full DATPRL; 3 seeds each at the demo's budget).
