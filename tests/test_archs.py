@@ -8,6 +8,7 @@ import torch
 import datprl_arch  # noqa: F401  (registers the networks; applies the basicsr compatibility fixes)
 from basicsr.archs import build_network
 from basicsr.utils.registry import ARCH_REGISTRY
+from networks import TINY, TINY_NAF
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 GOLDEN = sorted(glob.glob(os.path.join(DATA, '*.pt')))
@@ -20,12 +21,6 @@ SIX_TASK = dict(type='DualPromptRestormerv3', dim=48, enc_blk_nums=[4, 6, 6], mi
                 prompt_fusion_method='cross_attention', fusion_method='cross_attention')
 CDD11 = dict(type='DualPromptRestormerv3_only_task_prompt', degradation_pool_size=15, degradation_prompt_dim=1024,
              degradation_top_k=3, value_num_tokens=2, fusion_method='cross_attention')
-TINY = dict(type='DATPRLRestormer', dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1],
-            refine_blk_num=1, heads=[1, 2, 4, 8], domain_pool_size=6, degradation_pool_size=7, domain_prompt_dim=32,
-            degradation_prompt_dim=32, domain_top_k=3, degradation_top_k=2, value_num_tokens=2)
-TINY_NAF = dict(type='DATPRLNAFNet', width=8, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1],
-                domain_pool_size=6, degradation_pool_size=7, domain_prompt_dim=32, degradation_prompt_dim=32,
-                domain_top_k=3, degradation_top_k=2, value_num_tokens=2)
 
 
 def load_golden(path):

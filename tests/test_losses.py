@@ -13,6 +13,7 @@ from basicsr.utils.registry import LOSS_REGISTRY
 from datprl_arch.archs.prompt.pool import PoolOutput, PromptPool
 from datprl_arch.losses import (DATPRLBalanceLoss, DATPRLDiversityLoss, DATPRLDomainAlignmentLoss, DATPRLFFTLoss,
                                 DATPRLSupConLoss, PromptUsageTracker, TextSpaceProjection, reinitialise_prompts)
+from networks import TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -434,10 +435,6 @@ def test_alignment_float32_under_autocast_and_errors():
 
 
 # ------------------------------------------------------------------------------------- on a real network's prompts
-
-TINY = dict(type='DATPRLRestormer', dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1],
-            refine_blk_num=1, heads=[1, 2, 4, 8], domain_pool_size=6, degradation_pool_size=7, domain_prompt_dim=32,
-            degradation_prompt_dim=32, domain_top_k=3, degradation_top_k=2, value_num_tokens=2)
 
 
 def test_prompt_losses_on_a_network_step_under_autocast():

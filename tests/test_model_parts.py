@@ -13,10 +13,7 @@ from datprl_arch.models.analysis import PromptAnalysis, normalized_mutual_inform
 from datprl_arch.models.optim import (OPTIMIZERS, CosineAnnealingRestartCyclicLR, build_optimizer, build_scheduler,
                                       parameter_groups, resolve_parts)
 from datprl_arch.models.reporting import ValidationReport
-
-TINY = dict(type='DATPRLRestormer', dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1],
-            refine_blk_num=1, heads=[1, 2, 4, 8], domain_pool_size=6, degradation_pool_size=7, domain_prompt_dim=32,
-            degradation_prompt_dim=32, domain_top_k=3, degradation_top_k=2, value_num_tokens=2)
+from networks import TINY
 
 
 @pytest.fixture(scope='module')

@@ -19,14 +19,9 @@ from datprl_arch.data.image_io import ImageFormat, tensor_to_stored
 from datprl_arch.inference.restore import Restorer
 from datprl_arch.inference.tiling import SEAM_MARGIN_FRACTION, blend_weights, plan_tiles, tiled_apply
 from datprl_arch.restore import main
+from networks import TINY, TINY_NAF
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(type='DATPRLRestormer', dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1],
-            refine_blk_num=1, heads=[1, 2, 4, 8], domain_pool_size=6, degradation_pool_size=7, domain_prompt_dim=32,
-            degradation_prompt_dim=32, domain_top_k=3, degradation_top_k=2, value_num_tokens=2)
-TINY_NAF = dict(type='DATPRLNAFNet', width=8, middle_blk_num=1, enc_blk_nums=[1, 1], dec_blk_nums=[1, 1],
-                domain_pool_size=6, degradation_pool_size=7, domain_prompt_dim=32, degradation_prompt_dim=32,
-                domain_top_k=3, degradation_top_k=2, value_num_tokens=2)
 TINY_RESTORMER = dict(type='Restormer', dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1)
 CONV_LAYERS = 3  # three 3x3 convolutions: receptive-field radius 3
 
