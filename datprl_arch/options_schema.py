@@ -21,6 +21,8 @@ import math
 import re
 from typing import Any, Iterable, Mapping, Optional
 
+from .utils.problems import problems_message
+
 #: Keys BasicSR's ``parse_options`` and the runners add; accepted everywhere they appear.
 RUNTIME_KEYS = ('dist', 'rank', 'world_size', 'auto_resume', 'is_train', 'root_path', 'resume_position')
 RUNTIME_PATH_KEYS = ('experiments_root', 'models', 'training_states', 'log', 'visualization', 'results_root')
@@ -96,11 +98,9 @@ class Checker:
         if not self.problems:
             return
         from .options import OptionFileError
-        shown = '\n  - '.join(self.problems[:MAX_PROBLEMS])
-        more = len(self.problems) - MAX_PROBLEMS
-        tail = f'\n  ... and {more} more.' if more > 0 else ''
-        raise OptionFileError(f'{self.option_file}: {len(self.problems)} problem(s) in the option file (nothing was '
-                              f'run):\n  - {shown}{tail}')
+        raise OptionFileError(problems_message(
+            f'{self.option_file}: {len(self.problems)} problem(s) in the option file (nothing was run):',
+            self.problems, MAX_PROBLEMS))
 
     # ------------------------------------------------------------ building blocks
     def section(self, where: str, value: Any, what: str) -> Optional[Mapping]:

@@ -19,6 +19,7 @@ from basicsr.utils import scandir
 
 from ..errors import DatprlError
 from ..utils.debris import stale_debris
+from ..utils.problems import problems_message
 from .descriptions import DescriptionError, read_descriptions
 from .image_io import ImageDecodeError, ImageFormat, check_file, file_format
 from .lmdb_env import LmdbError, inspect_lmdb, read_build_record
@@ -61,11 +62,9 @@ class Problems:
     def raise_if_any(self) -> None:
         if not self.items:
             return
-        shown = '\n  - '.join(self.items[:MAX_LISTED])
-        more = len(self.items) - MAX_LISTED
-        tail = f'\n  ... and {more} more.' if more > 0 else ''
-        raise DataSourceError(f"Dataset '{self.dataset_name}': {len(self.items)} problem(s) in the data or options:"
-                              f'\n  - {shown}{tail}')
+        raise DataSourceError(problems_message(
+            f"Dataset '{self.dataset_name}': {len(self.items)} problem(s) in the data or options:", self.items,
+            MAX_LISTED))
 
 
 @dataclasses.dataclass
