@@ -50,7 +50,10 @@ def train(config: str, seed: int, root: str, extra: Sequence[str] = ()) -> str:
 def step_time(root: str, name: str) -> Optional[float]:
     """Median seconds per training iteration logged by BasicSR for run ``name`` (its newest log)."""
     logs = sorted(glob.glob(osp.join(root, 'experiments', name, 'train_*.log')), key=osp.getmtime)
-    times = [float(t) for t in STEP_TIME.findall(open(logs[-1]).read())] if logs else []
+    if not logs:
+        return None
+    with open(logs[-1], encoding='utf-8') as f:
+        times = [float(t) for t in STEP_TIME.findall(f.read())]
     return statistics.median(times) if times else None
 
 
@@ -121,9 +124,10 @@ def run_ablation(configs: Sequence[str], test_option: str, seeds: Sequence[int],
     checkpoints = [path for members in runs.values() for _, path in members]
     report = run_benchmark(test_option, checkpoints, name=name, quiet=quiet, root=root)
     summary = summarize(report, runs)
-    times = {c: statistics.median([t for s, _ in members if (t := step_time(root, f'{c}_seed{s}')) is not None]
-                                  or [float('nan')]) for c, members in runs.items()}
-    times = {c: (None if t != t else t) for c, t in times.items()}
+    times = {}
+    for config, members in runs.items():
+        measured = [t for t in (step_time(root, f'{config}_seed{s}') for s, _ in members) if t is not None]
+        times[config] = statistics.median(measured) if measured else None
     summary['step_time_s'] = times
     out = osp.join(root, 'results', name)
     text = markdown(summary, times)
