@@ -19,9 +19,9 @@ import resource
 import statistics
 import sys
 import time
-from contextlib import nullcontext
-
 import torch
+
+from .utils.precision import AMP_DTYPES, amp_problem, autocast
 
 SPEC_EVAL_SHAPE, SPEC_TRAIN_SHAPE = (1, 3, 128, 128), (2, 3, 64, 64)  # the method spec's timing sizes
 SIX_TASK = dict(type='DualPromptRestormerv3', dim=48, enc_blk_nums=[4, 6, 6], middle_blk_num=8,
@@ -34,7 +34,7 @@ CONFIGS = {
     'prompt-free': dict(SIX_TASK, use_prompt=False),
 }
 IMPLS = {'official': dict(literal=True), 'datprl': {}, 'datprl-lean': dict(lean=True)}
-AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+AMP_CHOICES = {'none': None, **AMP_DTYPES}
 MIB = 2**20
 NATIVE_BF16_CAPABILITY = 8  # CUDA compute capability from which bf16 runs natively (Ampere); V100/T4 emulate it
 
@@ -110,8 +110,7 @@ def measure(config: dict, impl: dict, args: argparse.Namespace, eval_shape, trai
         net = net.to(memory_format=torch.channels_last)
     if args.compile:  # static shapes: Inductor's dynamic-shape lowering fails on the Restormer (restormer_arch)
         net.compile(dynamic=False)
-    autocast = (torch.autocast(device.type, dtype=AMP_DTYPES[args.amp]) if AMP_DTYPES[args.amp]
-                else nullcontext())
+    amp_context = autocast(device, AMP_CHOICES[args.amp])
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.rand(*eval_shape, device=device).contiguous(memory_format=fmt)
     row = {'params': sum(p.numel() for p in net.parameters()) / 1e6}
@@ -119,7 +118,7 @@ def measure(config: dict, impl: dict, args: argparse.Namespace, eval_shape, trai
     if flops:
         row['gflops'] = _gflops(net, x)
     reset_peak_memory(device)
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), amp_context:
         row['eval_ms'] = 1e3 * _median_seconds(lambda: net(x), args.warmup, args.repeats, device)
     net.train()
     batch = torch.rand(*train_shape, device=device).contiguous(memory_format=fmt)
@@ -127,7 +126,7 @@ def measure(config: dict, impl: dict, args: argparse.Namespace, eval_shape, trai
 
     def step():
         net.zero_grad(set_to_none=True)
-        with autocast:
+        with amp_context:
             loss = (net(batch).float() - target).abs().mean()
         loss.backward()
 
@@ -162,7 +161,8 @@ def _table(header, rows):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N')
-    parser.add_argument('--amp', default='none', choices=AMP_DTYPES, help='autocast dtype (CUDA; bf16 also on CPU)')
+    parser.add_argument('--amp', default='none', choices=AMP_CHOICES,
+                        help='autocast dtype (CUDA; bf16 also on CPUs with native bf16)')
     parser.add_argument('--threads', type=int, default=torch.get_num_threads(), help='CPU threads')
     parser.add_argument('--configs', nargs='+', default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument('--impls', nargs='+', default=['official', 'datprl'], choices=IMPLS)
@@ -187,6 +187,8 @@ def main(argv=None) -> None:
         parser.error('--device cuda: no CUDA device is visible')
     if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
         parser.error(f'--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) are visible')
+    if device.type == 'cpu' and args.amp != 'none' and amp_problem(device, args.amp):
+        parser.error(f'--amp {args.amp}: {amp_problem(device, args.amp)}')
     notice = bf16_notice(device) if args.amp == 'bf16' else None
 
     if args.data:

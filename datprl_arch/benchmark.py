@@ -1,7 +1,8 @@
 """Benchmark checkpoints on a test option file against the degraded input (the identity baseline).
 
     python -m datprl_arch.benchmark -opt options/demo/md_mini_test.yml [--ckpt A.pth --ckpt B.pth]
-                                    [--name NAME] [--metric-bits {native,8}] [--device cpu|cuda] [--quiet]
+                                    [--name NAME] [--metric-bits {native,8}] [--device cpu|cuda]
+                                    [--amp bf16|fp16] [--quiet]
 
 Writes ``results/<name>/report.md``, ``report.csv``, ``report.json`` and ``samples.png`` under the current directory
 and prints the table (input, restored and gain per set, per domain, overall). See
@@ -21,6 +22,7 @@ from datprl_arch.evaluation.report import console_table
 from datprl_arch.evaluation.runner import BenchmarkError, run_benchmark
 from datprl_arch.options import run_pipeline
 from datprl_arch.utils.checkpoint import CheckpointError
+from datprl_arch.utils.precision import AMP_DTYPES
 
 PROG = 'datprl-benchmark'
 #: Errors whose message names the file at fault: printed without a traceback.
@@ -36,6 +38,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--metric-bits', choices=METRIC_BITS, default=NATIVE,
                         help='native: 16-bit sources at peak 65535 (default); 8: the figure BasicSR computes')
     parser.add_argument('--device', choices=('cpu', 'cuda'), help='default: cuda if available, else cpu')
+    parser.add_argument('--amp', choices=sorted(AMP_DTYPES),
+                        help='mixed precision: bf16/fp16 on CUDA, bf16 on CPUs with native bf16 (default: float32)')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')
     return parser.parse_args(argv)
 
@@ -53,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     def pipeline(root: str) -> None:
         print_summary(run_benchmark(args.opt, args.ckpt, name=args.name, metric_bits=args.metric_bits,
-                                    device=args.device, quiet=args.quiet, root=root))
+                                    device=args.device, quiet=args.quiet, root=root, amp=args.amp))
 
     run_pipeline(pipeline, PROG, errors=USER_ERRORS)
 

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'do not carry network_g, e.g. official ones)')
     parser.add_argument('--param-key', help='weights entry of the checkpoint (default: params_ema, else params)')
     parser.add_argument('--device', help='cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)')
-    parser.add_argument('--amp', choices=sorted(AMP_DTYPES), help='mixed precision on CUDA')
+    parser.add_argument('--amp', choices=sorted(AMP_DTYPES),
+                        help='mixed precision: bf16/fp16 on CUDA, bf16 on CPUs with native bf16')
     parser.add_argument('--tile', type=_int_at_least(1), metavar='N', help='restore images whose longer side '
                         'exceeds N in N x N tiles (default: only images above --max-pixels are tiled)')
     parser.add_argument('--tile-overlap', type=_int_at_least(0), default=DEFAULT_TILE_OVERLAP, metavar='M',

@@ -18,6 +18,7 @@ from datprl_arch.archs.prompt.pool import PromptPool
 from datprl_arch.losses import (DATPRLBalanceLoss, DATPRLDiversityLoss, DATPRLDomainAlignmentLoss, DATPRLSupConLoss,
                                 PromptUsageTracker)
 from datprl_arch.models.datprl_model import DATPRLModel
+from datprl_arch.utils import precision
 from test_training import NETWORK, _batch, _model_opt, data  # noqa: F401  (data: the module's fixture)
 
 AMP_MODES = {'fp32': None, 'bf16': torch.bfloat16}
@@ -137,15 +138,23 @@ def test_bf16_on_a_gpu_without_native_bf16_says_so_and_suggests_fp16(monkeypatch
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Tesla V100-SXM2-16GB')
     gpu = SimpleNamespace(device=torch.device('cuda'))
     assert DATPRLModel._amp_dtype(gpu, {'use_amp': True}) == torch.bfloat16
-    assert 'Tesla V100-SXM2-16GB has no native bf16, so bf16 is emulated and slow; set train.amp_dtype: fp16' \
+    assert 'Tesla V100-SXM2-16GB has no native bf16, so bf16 is emulated and slow; use fp16 (train.amp_dtype: fp16' \
         in log.text
     log.clear()
     assert DATPRLModel._amp_dtype(gpu, {'use_amp': True, 'amp_dtype': 'fp16'}) == torch.float16
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)
     assert DATPRLModel._amp_dtype(gpu, {'use_amp': True}) == torch.bfloat16
     assert 'native' not in log.text
-    assert DATPRLModel._amp_dtype(SimpleNamespace(device=torch.device('cpu')), {'use_amp': True}) is None
-    assert 'mixed precision needs CUDA; training in float32 on the CPU.' in log.text
+    monkeypatch.setattr(precision, 'cpu_bf16_flags', lambda: ())
+    cpu = SimpleNamespace(device=torch.device('cpu'))
+    assert DATPRLModel._amp_dtype(cpu, {'use_amp': True}) is None
+    assert 'use_amp (bf16): this CPU has no native bf16 (none of avx512_bf16, amx_bf16 in /proc/cpuinfo); run in ' \
+        'float32; training in float32.' in log.text
+    assert DATPRLModel._amp_dtype(cpu, {'use_amp': True, 'amp_dtype': 'fp16'}) is None
+    assert 'fp16 autocast has no fast path on the CPU' in log.text
+    monkeypatch.setattr(precision, 'cpu_bf16_flags', lambda: ('avx512_bf16',))
+    assert DATPRLModel._amp_dtype(cpu, {'use_amp': True}) == torch.bfloat16
+    assert 'use_amp: autocast in bf16 on cpu.' in log.text
 
 
 @pytest.fixture
@@ -223,3 +232,16 @@ def test_bench_on_gpu_1_synchronises_and_measures_memory_there(two_fake_gpus):
                                        'slow on it; --amp fp16 measures its fast path')
     with pytest.raises(SystemExit):
         bench.main(['--device', 'cuda:2'])
+
+
+def test_cpu_bf16_flags_are_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / 'cpuinfo'
+    cpuinfo.write_text('processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 sse\n\nprocessor\t: 1\n'
+                       'flags\t\t: fpu avx512f avx512_bf16 sse\n')
+    assert precision.cpu_bf16_flags(str(cpuinfo)) == ('avx512_bf16',)
+    cpuinfo.write_text('flags\t\t: fpu avx2 amx_bf16\n')
+    assert precision.cpu_bf16_flags(str(cpuinfo)) == ('amx_bf16',)
+    cpuinfo.write_text('flags\t\t: fpu avx2 avx512f\n')
+    assert precision.cpu_bf16_flags(str(cpuinfo)) == ()
+    assert precision.cpu_bf16_flags(str(tmp_path / 'missing')) == ()
+    assert 'expected one of' in precision.amp_problem(torch.device('cpu'), 'fp8')

@@ -15,6 +15,7 @@ from basicsr.data.data_sampler import EnlargedSampler
 from datprl_arch import mdmini
 from datprl_arch.data.sources import read_lmdb_meta
 from datprl_arch.mdmini.build import DEFAULT_LIMIT, remove_stale_builds
+from datprl_arch.mdmini import split as mdmini_split
 from datprl_arch.mdmini.split import HELD_OUT_IMAGES
 
 EVERY = mdmini.TASKS + mdmini.CLEAN_TASKS
@@ -87,18 +88,22 @@ def test_medical_is_16bit_gray_and_others_8bit_colour(built):
 
 
 def test_lq_differs_from_gt_as_its_task_says_and_clean_sets_are_identical(built):
+    """Over each val set (a single crop of flat sky or ice has little to lose to blur or x4 SR)."""
     out, _ = built
     for task in EVERY:
         folder = osp.join(out, task.name, 'val')
-        name = sorted(os.listdir(osp.join(folder, 'gt')))[0]
-        gt, lq = (cv2.imread(osp.join(folder, s, name), cv2.IMREAD_UNCHANGED).astype(np.float64) for s in ('gt', 'lq'))
-        error = np.abs(gt - lq).mean() / (65535.0 if task.bit_depth == 16 else 255.0)
+        names = sorted(os.listdir(osp.join(folder, 'gt')))
+        pairs = [[cv2.imread(osp.join(folder, s, n), cv2.IMREAD_UNCHANGED).astype(np.float64) for s in ('gt', 'lq')]
+                 for n in names]
+        peak = 65535.0 if task.bit_depth == 16 else 255.0
+        error = np.mean([np.abs(gt - lq).mean() for gt, lq in pairs]) / peak
         if task.degradation == 'identity':
             assert error == 0, task.name
             continue
         assert 0.002 < error < 0.5, (task.name, error)
         if task.task in ('sr4', 'deblur', 'mri_sr4'):  # these remove high frequencies
-            assert _high_frequency_energy(lq) < 0.5 * _high_frequency_energy(gt), task.name
+            gt_energy, lq_energy = (sum(_high_frequency_energy(p[i]) for p in pairs) for i in (0, 1))
+            assert lq_energy < 0.5 * gt_energy, task.name
 
 
 def test_descriptions_are_template_labelled_and_cover_every_image(built):
@@ -178,3 +183,19 @@ def test_deterministic_for_a_seed(built, tmp_path):
 def test_default_build_stays_under_100_mb(built):
     out, _ = built
     assert sum(osp.getsize(osp.join(d, f)) for d, _, files in os.walk(out) for f in files) < 100e6
+
+
+def test_split_spreads_held_out_sets_over_units_and_trains_on_flat_blocks():
+    """Test spans >= 3 units and val >= 2; a unit with nothing textured to score on trains instead of vanishing,
+    and training keeps flat blocks (sky, ice) that the held-out sets skip."""
+    rng = np.random.default_rng(0)
+    side = mdmini_split.train_side('natural')
+    textured = [mdmini_split.Parent(f't{i}', rng.random((side * 2, side * 2, 3)).astype(np.float32), f't{i}')
+                for i in range(5)]  # exactly what test (3 units) and val (2) need
+    flat = mdmini_split.Parent('flat', np.full((side * 2, side * 2, 3), 0.7, np.float32), 'flat')
+    out = mdmini_split.split_pool(textured + [flat], 'natural', np.random.default_rng(1))
+    units = {s: {b.parent.name for b in out[s]} for s in mdmini_split.SPLITS}
+    assert len(out['test']) == mdmini_split.HELD_OUT_IMAGES['test'] and len(units['test']) >= 3
+    assert len(out['val']) == mdmini_split.HELD_OUT_IMAGES['val'] and len(units['val']) >= 2
+    assert 'flat' in units['train'] and not units['train'] & (units['test'] | units['val'])
+    assert sum(b.parent.name == 'flat' for b in out['train']) == 4  # all four 192-px blocks of the flat unit

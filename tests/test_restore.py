@@ -19,11 +19,13 @@ from datprl_arch.data.image_io import ImageFormat, tensor_to_stored
 from datprl_arch.inference.restore import Restorer
 from datprl_arch.inference.tiling import SEAM_MARGIN_FRACTION, blend_weights, plan_tiles, tiled_apply
 from datprl_arch.restore import main
+from datprl_arch.utils import precision
 from networks import TINY, TINY_NAF
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RESTORMER = dict(type='Restormer', dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1)
 CONV_LAYERS = 3  # three 3x3 convolutions: receptive-field radius 3
+BF16_MAX_LEVELS = 4  # largest bf16-vs-fp32 difference of an 8-bit output allowed, in grey levels
 
 
 def tiny(config, seed=0):
@@ -298,11 +300,20 @@ def test_bad_options_end_with_one_message(tmp_path, checkpoint, flags, message):
         main(['--ckpt', ckpt, *flags, str(tmp_path / 'a.png'), str(tmp_path / 'out') + '/'])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason='the refusal is for machines without CUDA')
-def test_amp_is_refused_without_cuda(tmp_path, checkpoint):
+def test_amp_on_the_cpu_needs_native_bf16(tmp_path, checkpoint, monkeypatch):
     cv2.imwrite(str(tmp_path / 'a.png'), smooth_image((16, 16, 3), np.uint8))
-    with pytest.raises(SystemExit, match='amp bf16 needs a CUDA device'):
-        main(['--ckpt', checkpoint[0], '--amp', 'bf16', str(tmp_path), str(tmp_path / 'out')])
+    args = ['--ckpt', checkpoint[0], '--device', 'cpu', str(tmp_path / 'a.png')]
+    with pytest.raises(SystemExit, match='amp fp16: fp16 autocast has no fast path on the CPU'):
+        main([*args[:4], '--amp', 'fp16', *args[4:], str(tmp_path / 'fp16.png')])
+    monkeypatch.setattr(precision, 'cpu_bf16_flags', lambda: ())
+    with pytest.raises(SystemExit, match=r'amp bf16: this CPU has no native bf16 \(none of avx512_bf16, amx_bf16'):
+        main([*args[:4], '--amp', 'bf16', *args[4:], str(tmp_path / 'no.png')])
+    assert not (tmp_path / 'no.png').exists()
+    monkeypatch.setattr(precision, 'cpu_bf16_flags', lambda: ('avx512_bf16',))
+    assert main([*args, str(tmp_path / 'fp32.png')]) == 0
+    assert main([*args[:4], '--amp', 'bf16', *args[4:], str(tmp_path / 'bf16.png')]) == 0
+    fp32, bf16 = (cv2.imread(str(tmp_path / f'{n}.png')).astype(int) for n in ('fp32', 'bf16'))
+    assert np.abs(fp32 - bf16).max() <= BF16_MAX_LEVELS  # bf16 keeps 8 bits of mantissa: a few 8-bit levels
 
 
 def test_bad_flag_values_are_argparse_errors(capsys):

@@ -20,6 +20,7 @@ from basicsr.models import build_model
 from datprl_arch.data.toy import write_pairs
 from datprl_arch.options import OptionFileError
 from datprl_arch.tools.encode_descriptions import encode_files, hash_encoder
+from datprl_arch.utils.precision import cpu_bf16_flags
 from datprl_arch.utils.atomic import atomic_torch_save
 
 NETWORK = dict(type='DATPRLRestormer', dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1],
@@ -102,7 +103,8 @@ def test_every_loss_trains_logs_and_validates(tmp_path, data):
         values = dict(re.findall(r'(\w+): (\S+)', terms))
         for term in ALL_TERMS:
             assert term in values and torch.isfinite(torch.tensor(float(values[term]))), (term, terms)
-    assert ('mixed precision needs CUDA; training in float32' in out) != torch.cuda.is_available()  # bf16 on CUDA
+    native_bf16 = torch.cuda.is_available() or bool(cpu_bf16_flags())
+    assert ('use_amp: autocast in bf16' in out) == native_bf16 and ('training in float32' in out) != native_bf16
     assert re.search(r'Prompt usage, task pool, iters 1-3: 36 selections', out)  # 3 iters x 6 samples x top-2
     assert re.search(r'Prompt usage, domain pool, iters 4-6: 36 selections', out)
     assert "an image of source 'blur' has no description" in out

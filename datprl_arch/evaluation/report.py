@@ -117,7 +117,8 @@ def markdown(report: dict) -> str:
                         f"{'Y channel' if o.get('test_y_channel') else 'RGB'} ({o['from']})"
                         for m, o in report['metrics'].items())
     lines = [f"# Benchmark {report['name']}", '',
-             f"- option file: `{report['option_file']}` (model {report['model_type']}, device {report['device']})",
+             f"- option file: `{report['option_file']}` (model {report['model_type']}, device {report['device']}, "
+             f"autocast {report.get('amp', 'none')})",
              f"- date: {report['date']}", f'- versions: {versions}',
              f"- metric bits: {report['metric_bits']}. {report['metric_note']}", f'- metrics: {metrics}',
              f"- weights: entry `{report['param_key']}` of each checkpoint (else params_ema, then params)",

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ..data.sources import DataSourceError
 from ..options import OptionFileError, load_option_file
 from ..utils.checkpoint import CheckpointError, network_options, read_checkpoint
+from ..utils.precision import AMP_DTYPES, amp_problem, autocast
 from .aggregate import aggregates, summarize_set
 from .metrics import NATIVE, metric_bits_note, parse_metric_bits, score, upsample_to
 from .report import write_reports
@@ -214,9 +215,10 @@ def _build_model(model_opt: dict, info: CheckpointInfo, option_file: str):
 
 
 def _evaluate(model, info: CheckpointInfo, sets, metric_opts, metric_bits: str, first: bool,
-              samples: dict, quiet: bool) -> None:
-    """Score every image of every set with ``model``; the input's scores on the first checkpoint's pass; keeps the
-    image of largest PSNR gain per set (first checkpoint) for the sample picture."""
+              samples: dict, quiet: bool, amp_context) -> None:
+    """Score every image of every set with ``model`` (its test path run inside ``amp_context``); the input's
+    scores on the first checkpoint's pass; keeps the image of largest PSNR gain per set (first checkpoint) for the
+    sample picture."""
     total = sum(len(loader) for _, loader, _ in sets)
     with tqdm(total=total, desc=info.label, unit='img', disable=quiet, dynamic_ncols=True) as bar:
         for key, loader, rows in sets:
@@ -228,7 +230,8 @@ def _evaluate(model, info: CheckpointInfo, sets, metric_opts, metric_bits: str, 
                 where = f'[{row.name}] {image}'
                 bit_depth = int(batch['bit_depth'][0]) if 'bit_depth' in batch else 8
                 model.feed_data(batch)
-                model.test()
+                with amp_context:
+                    model.test()
                 output, gt = model.output.detach().float().cpu(), batch['gt']
                 if output.shape[-2:] != gt.shape[-2:]:
                     raise BenchmarkError(f'{info.path} on {where}: the output is {tuple(output.shape[-2:])}, the '
@@ -311,11 +314,12 @@ def _notes(sets) -> list[str]:
 
 def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optional[str] = None,
                   metric_bits: str = NATIVE, device: Optional[str] = None, quiet: bool = False,
-                  root: Optional[str] = None) -> dict:
+                  root: Optional[str] = None, amp: Optional[str] = None) -> dict:
     """Benchmark ``checkpoints`` (default: the option file's ``path.pretrain_network_g``) on the test sets of
     ``option_file`` against the degraded input; writes ``report.md``, ``report.csv``, ``report.json`` and
     ``samples.png`` under ``<root>/results/<name>/`` (root: the current directory) and returns the report dict
-    (as in ``report.json``, with ``files``: the paths written).
+    (as in ``report.json``, with ``files``: the paths written). ``amp`` (bf16, fp16): the networks run under
+    autocast in that dtype, where the device supports it (:mod:`datprl_arch.utils.precision`).
 
     Raises ``OptionFileError``, ``CheckpointError``, ``DataSourceError`` or :class:`BenchmarkError` with a message
     naming the file for bad input."""
@@ -335,10 +339,14 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
     checkpoints = [osp.expanduser(c) for c in checkpoints]
     infos = _inspect_checkpoints(checkpoints, opt.get('network_g'), option_file)
     device = resolve_device(device)
+    if amp is not None and amp_problem(torch.device(device), amp):
+        raise BenchmarkError(f'--amp {amp}: {amp_problem(torch.device(device), amp)}')
+    amp_context = autocast(torch.device(device), AMP_DTYPES[amp] if amp else None)
     results_dir = osp.join(root or os.getcwd(), 'results', name)
     os.makedirs(results_dir, exist_ok=True)
     logger = _init_logger(results_dir)
-    logger.info(f'Benchmark {name}: {option_file}, {len(infos)} checkpoint(s), device {device}. '
+    logger.info(f'Benchmark {name}: {option_file}, {len(infos)} checkpoint(s), device {device}, '
+                f'{amp or "float32"}. '
                 f'{metric_bits_note(metric_bits)}')
     test_opt = _test_options(opt, option_file, results_dir, device)
     set_random_seed(int(test_opt.get('manual_seed') or 0))
@@ -353,12 +361,13 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
         info.parameters = sum(p.numel() for p in model.get_bare_model(model.net_g).parameters())
         logger.info(f'Checkpoint {info.label}: {info.path}, network {info.network_opt["type"]} '
                     f'({info.parameters:,} parameters, network_g from the {info.network_source})')
-        _evaluate(model, info, sets, metric_opts, metric_bits, number == 0, samples, quiet)
+        _evaluate(model, info, sets, metric_opts, metric_bits, number == 0, samples, quiet, amp_context)
         del model
     rows, images = _rows(sets, infos)
     report = {
         'name': name, 'date': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
-        'option_file': osp.abspath(option_file), 'device': device, 'model_type': test_opt.get('model_type'),
+        'option_file': osp.abspath(option_file), 'device': device, 'amp': amp or 'none',
+        'model_type': test_opt.get('model_type'),
         'metric_bits': metric_bits, 'metric_note': metric_bits_note(metric_bits),
         'metrics': {m: {**metric_opts[m], 'from': metric_origin[m]} for m in metric_opts},
         'param_key': test_opt['path']['param_key_g'], 'versions': _versions(),

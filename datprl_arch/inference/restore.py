@@ -33,6 +33,7 @@ from ..data.image_io import (NETWORK_CHANNELS, ImageDecodeError, decode_raw, ten
 from ..options import load_option_file
 from ..utils.checkpoint import (NETWORK_KEY, PARAM_KEYS, extract_state_dict, load_weights, network_options,
                                 read_checkpoint)
+from ..utils.precision import AMP_DTYPES, amp_problem, autocast
 from .tiling import check_tiling, plan_tiles, tiled_apply
 
 #: Inputs a folder is scanned for (case-insensitive).
@@ -48,7 +49,6 @@ DEFAULT_TILE_OVERLAP = 32
 AUTO_TILE_MULTIPLE = 8
 #: Longest side of the view the prompt of a tiled image is composed from (the image is downscaled to it).
 PROMPT_VIEW_MAX_SIDE = 1024
-AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 class RestoreError(ValueError):
@@ -156,14 +156,9 @@ def resolve_device(name: Optional[str] = None, amp: Optional[str] = None) -> tor
             raise RestoreError(f'device {name!r}: no CUDA device is available here; use cpu')
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise RestoreError(f'device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible')
-    if amp is not None:
-        if amp not in AMP_DTYPES:
-            raise RestoreError(f'amp {amp!r}: expected one of {sorted(AMP_DTYPES)}')
-        if device.type != 'cuda':
-            raise RestoreError(f'amp {amp} needs a CUDA device, the device is {device}; on the CPU the network '
-                               'runs in float32 (drop the amp option)')
-        if amp == 'bf16' and not torch.cuda.is_bf16_supported():
-            raise RestoreError(f'amp bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; use fp16')
+    problem = amp_problem(device, amp) if amp is not None else None
+    if problem:
+        raise RestoreError(f'amp {amp}: {problem}' if amp in AMP_DTYPES else problem)
     return device
 
 
@@ -224,7 +219,7 @@ class Restorer:
         return self.auto_tile if height * width > self.max_pixels else None
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
+        return autocast(self.device, self.amp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """One forward: ``[B, C, h, w]`` on any device -> float32 ``[B, C, h, w]`` on the same device."""

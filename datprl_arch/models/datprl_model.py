@@ -6,7 +6,8 @@ the official 6-task option file names but the release lacks). It is BasicSR's SR
 - every key of the official ``train:`` section (see ``TRAIN_KEYS``); an unknown key is an error listing them;
 - checkpoint loading for BasicSR, Lightning, plain and safetensors files;
 - parameter groups (``prompt_lr``), the common optimizers and schedulers, freezing named parts, ``use_amp``
-  (bf16/fp16 autocast on CUDA; fp32 with a notice on CPU), ``grad_clip``, opt-in ``compile``;
+  (bf16/fp16 autocast on CUDA, bf16 on CPUs with native bf16, else fp32 with a notice), ``grad_clip``, opt-in
+  ``compile``;
 - EMA that also carries buffers;
 - atomic checkpoints and training states; a non-finite loss or gradient skips its step (nothing of it reaches the
   weights, the EMA or the usage counts), several in a row stop training;
@@ -38,6 +39,7 @@ from ..evaluation.metrics import metric_bits_note, parse_metric_bits, score
 from ..losses.pixel_weighting import DEFAULT_FLOOR, PIXEL_WEIGHTINGS, error_weights
 from ..utils.atomic import atomic_torch_save
 from ..utils.checkpoint import NETWORK_KEY, load_checkpoint, plain_options
+from ..utils.precision import AMP_DTYPES, amp_problem, autocast
 from ..utils.registry import register
 from .optim import build_optimizer, build_scheduler, parameter_groups, resolve_parts
 from .prompt_objectives import OBJECTIVE_KEYS, PromptObjectives
@@ -50,7 +52,6 @@ MODEL_TRAIN_KEYS = ('fft_opt', 'prompt_lr', 'use_amp', 'amp_dtype', 'grad_clip',
                     'prompt_analysis_save_path', 'pixel_weighting', 'pixel_weight_floor',
                     'pixel_weight_power')
 TRAIN_KEYS = BASICSR_TRAIN_KEYS + MODEL_TRAIN_KEYS + OBJECTIVE_KEYS
-AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 DEFAULT_MAX_NONFINITE = 5  # consecutive non-finite steps tolerated before training stops
 
 
@@ -125,20 +126,24 @@ class DATPRLModel(SRModel):
             self.get_bare_model(self.net_g).compile(dynamic=False)
 
     def _amp_dtype(self, train_opt: dict) -> torch.dtype | None:
-        """The autocast dtype of ``use_amp``/``amp_dtype`` (None: float32). CUDA only; bf16 on a GPU without native
-        bf16 (before compute capability 8.0: V100, T4) is emulated and slow, which the log says."""
+        """The autocast dtype of ``use_amp``/``amp_dtype`` (None: float32): bf16/fp16 on CUDA, bf16 on CPUs with
+        native bf16 (:mod:`datprl_arch.utils.precision`). Where the device cannot run it fast, the log says why:
+        training then runs in float32 on the CPU (an option file works on every machine), and in the requested
+        dtype on a GPU that emulates bf16."""
         if not train_opt.get('use_amp'):
             return None
         amp_dtype = train_opt.get('amp_dtype', 'bf16')
         if amp_dtype not in AMP_DTYPES:
             raise ValueError(f"train.amp_dtype must be one of {sorted(AMP_DTYPES)}, got '{amp_dtype}'")
         logger = get_root_logger()
-        if self.device.type != 'cuda':
-            logger.info('use_amp: mixed precision needs CUDA; training in float32 on the CPU.')
+        problem = amp_problem(self.device, amp_dtype)
+        if problem and self.device.type != 'cuda':
+            logger.info(f'use_amp ({amp_dtype}): {problem}; training in float32.')
             return None
-        if amp_dtype == 'bf16' and not torch.cuda.is_bf16_supported(including_emulation=False):
-            logger.warning(f'use_amp: {torch.cuda.get_device_name(self.device)} has no native bf16, so bf16 is '
-                           'emulated and slow; set train.amp_dtype: fp16 (with loss scaling) for speed.')
+        if problem:
+            logger.warning(f'use_amp ({amp_dtype}): {problem}.')
+        else:
+            logger.info(f'use_amp: autocast in {amp_dtype} on {self.device.type}.')
         return AMP_DTYPES[amp_dtype]
 
     def setup_optimizers(self):
@@ -168,7 +173,7 @@ class DATPRLModel(SRModel):
         self.source_names = list(data['source_name']) if 'source_name' in data else None
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        return autocast(self.device, self.amp_dtype)
 
     def _losses(self) -> 'OrderedDict[str, torch.Tensor]':
         losses = OrderedDict()
