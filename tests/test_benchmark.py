@@ -33,9 +33,11 @@ from datprl_arch.evaluation.metrics import EIGHT_BIT, NATIVE, score, upsample_to
 from datprl_arch.evaluation.runner import BenchmarkError, run_benchmark
 from datprl_arch.tools.make_lmdb import make_paired_lmdb
 from datprl_arch.utils.atomic import atomic_write_json
+from datprl_arch.utils import precision
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 TIMEOUT_S = 120
+BF16_PSNR_TOLERANCE_DB = 0.5  # bf16 autocast vs float32 on the tiny network (a real network: see docs/benchmarks.md)
 # The option file's network; checkpoint 'tuned' is one of these without network options.
 DATPRL_NET = dict(type='DATPRLRestormer', dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1],
                   refine_blk_num=1, heads=[1, 1, 1, 1], domain_pool_size=4, degradation_pool_size=4,
@@ -481,3 +483,26 @@ def test_unreadable_dataset_names_the_option_file_and_set(bench_data, tmp_path):
     expected = rf'(?s){option_file}: datasets.test_rain cannot be read: .*{tmp_path / "gone"} does not exist'
     with pytest.raises(BenchmarkError, match=expected):
         run_benchmark(str(option_file), [], quiet=True, root=str(tmp_path), device='cpu')
+
+
+def test_amp_runs_the_test_path_in_bf16_or_is_refused_with_the_reason(bench_data, tmp_path, monkeypatch):
+    """``--amp bf16`` on a CPU with native bf16 scores within bf16 rounding of float32 and is recorded; fp16 on the
+    CPU and bf16 on a CPU without it end with the reason, before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    option_file, ckpt = str(bench_data / 'bench.yml'), str(bench_data / 'tuned.pth')
+    with pytest.raises(SystemExit) as refused:
+        benchmark_main(['-opt', option_file, '--ckpt', ckpt, '--device', 'cpu', '--amp', 'fp16', '--quiet'])
+    assert refused.value.code == ('datprl-benchmark: error: --amp fp16: fp16 autocast has no fast path on the CPU; '
+                                  'use bf16 (on CPUs with native bf16) or float32')
+    monkeypatch.setattr(precision, 'cpu_bf16_flags', lambda: ())
+    with pytest.raises(SystemExit, match='this CPU has no native bf16'):
+        benchmark_main(['-opt', option_file, '--ckpt', ckpt, '--device', 'cpu', '--amp', 'bf16', '--quiet'])
+    assert not (tmp_path / 'results').exists()
+    monkeypatch.setattr(precision, 'cpu_bf16_flags', lambda: ('avx512_bf16',))
+    reports = {amp: run_benchmark(option_file, [ckpt], name=amp, device='cpu', quiet=True, amp=amp)
+               for amp in (None, 'bf16')}
+    assert reports['bf16']['amp'] == 'bf16' and reports[None]['amp'] == 'none'
+    assert 'autocast bf16' in (tmp_path / 'results' / 'bf16' / 'report.md').read_text()
+    for fp32, bf16 in zip(reports[None]['rows'], reports['bf16']['rows']):
+        assert bf16['psnr_in'] == fp32['psnr_in']  # the input is scored as stored
+        assert bf16['psnr_out'] == pytest.approx(fp32['psnr_out'], abs=BF16_PSNR_TOLERANCE_DB)
