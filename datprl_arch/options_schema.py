@@ -418,7 +418,7 @@ def _check_dataset(c: Checker, where: str, ds: Mapping, phase: str) -> None:
     from basicsr.utils.registry import DATASET_REGISTRY
 
     from .data.multidomain_dataset import DATPRLMultiDomainDataset, OFFICIAL_NAMES
-    from .data.sources import Problems, parse_source
+    from .data.sources import dataset_problems, parse_source
 
     kind = ds.get('type')
     ours = DATASET_REGISTRY._obj_map.get(kind) is DATPRLMultiDomainDataset if isinstance(kind, str) else False
@@ -454,7 +454,7 @@ def _check_dataset(c: Checker, where: str, ds: Mapping, phase: str) -> None:
         c.add(f'{where}.datasets', f'found {_found(sources)}, expected a non-empty list of sources (name, domain, '
               'task, dataroot_gt, dataroot_lq, io_backend, ...).')
         return
-    problems = Problems(where)
+    problems = dataset_problems(where)
     for index, source in enumerate(sources):
         parse_source(source, index, problems, kind in OFFICIAL_NAMES)
     for item in problems.items:

@@ -31,7 +31,7 @@ from datprl_arch.evaluation import samples as samples_module
 from datprl_arch.evaluation.aggregate import aggregates, summarize_set, t_quantile_975
 from datprl_arch.evaluation.metrics import EIGHT_BIT, NATIVE, score, upsample_to
 from datprl_arch.evaluation.runner import BenchmarkError, run_benchmark
-from datprl_arch.tools.make_lmdb import make_paired_lmdb
+from datprl_arch.data.lmdb.writer import make_paired_lmdb
 from datprl_arch.utils.atomic import atomic_write_json
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')

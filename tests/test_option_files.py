@@ -28,7 +28,7 @@ from basicsr.models import build_model
 from datprl_arch.data.toy import random_image
 from datprl_arch.options import load_option_file
 from datprl_arch.tools.encode_descriptions import default_source, encode_files, hash_encoder
-from datprl_arch.tools.make_lmdb import write_lmdb
+from datprl_arch.data.lmdb.writer import write_lmdb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, 'tests', 'data')

@@ -9,27 +9,17 @@ What is checked before anything is read through the memory map (:func:`check_siz
 pages its meta page records is truncated, and reading it would kill the process with SIGBUS. Then every key listed in
 ``meta_info.txt`` must be stored, and every value must start with a decodable image header of the listed size
 (:func:`inspect_lmdb`; with ``verify``, every PNG chunk checksum too). Every error names the database and the key.
-
-``make_lmdb`` writes :data:`BUILD_FILE` into each database it builds: the build's id, a digest of its content and,
-for a GT/LQ pair, the digest of the partner it was built with, so a dataset can tell a GT and an LQ database of
-different builds apart (:func:`read_build_record`).
 """
 from __future__ import annotations
 
-import json
 import os
 import os.path as osp
 from typing import Mapping, Optional
 
 import lmdb
 
-from ..errors import DatprlError
-from .image_io import ImageDecodeError, ImageFormat, header_format, verify_png
-
-#: File inside a database written by make_lmdb that identifies its build (BasicSR ignores it).
-BUILD_FILE = 'datprl_build.json'
-#: ``format`` entry of a build record.
-BUILD_FORMAT = 'datprl-lmdb-build'
+from ...errors import DatprlError
+from ..image_io import ImageDecodeError, ImageFormat, header_format, verify_png
 
 
 class LmdbError(DatprlError, ValueError):
@@ -146,15 +136,3 @@ def inspect_lmdb(path: str, meta: Mapping[str, tuple], verify: bool = False
         close()
     return missing, formats, problems
 
-
-def read_build_record(path: str) -> Optional[dict]:
-    """The build record make_lmdb wrote into the database at ``path`` (see the module docstring), or None."""
-    record_path = osp.join(path, BUILD_FILE)
-    if not osp.isfile(record_path):
-        return None
-    try:
-        with open(record_path, encoding='utf-8') as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and record.get('format') == BUILD_FORMAT else None
