@@ -318,7 +318,8 @@ def _check_train(c: Checker, train: Mapping, train_keys, optimizers, schedulers,
 
     from .models.datprl_model import AMP_DTYPES, TRAIN_KEYS
     from .models.optim import OPTIMIZERS, SCHEDULERS
-    from .models.prompt_objectives import ALIGNMENT_TARGETS, TEXT_ENCODERS, clip_constraint_problem
+    from .models.prompt_objectives import ALIGNMENT_TARGETS
+    from .priors.training import TEXT_ENCODERS, clip_constraint_problem
 
     accepted = train_keys if train_keys is not None else TRAIN_KEYS + GAN_TRAIN_KEYS
     c.keys('train', train, accepted, ('total_iter', 'optim_g', 'scheduler'), complete=train_keys is not None)

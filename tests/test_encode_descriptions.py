@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from datprl_arch.losses.description_embeddings import (EMBEDDINGS_FORMAT, DescriptionEmbeddings,
-                                                       load_description_embeddings)
-from datprl_arch.tools.encode_descriptions import (HASH_DIM, HASH_ENCODER, DescriptionError, clip_encoder,
-                                                   encode_files, hash_encoder, main, read_descriptions,
-                                                   sentence_transformers_encoder)
+from datprl_arch.priors.descriptions import DescriptionError, read_descriptions
+from datprl_arch.priors.embeddings import EMBEDDINGS_FORMAT, DescriptionEmbeddings, load_description_embeddings
+from datprl_arch.priors.encoders import (HASH_DIM, HASH_ENCODER, clip_encoder, encode_files, hash_encoder,
+                                         sentence_transformers_encoder)
+from datprl_arch.tools.encode_descriptions import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAIN = {'__generator__': 'test', '0001.png': 'A rainy street with parked cars at night.',

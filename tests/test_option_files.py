@@ -27,7 +27,8 @@ from basicsr.data import build_dataset
 from basicsr.models import build_model
 from datprl_arch.data.toy import random_image
 from datprl_arch.options import load_option_file
-from datprl_arch.tools.encode_descriptions import default_source, encode_files, hash_encoder
+from datprl_arch.priors.encoders import encode_files, hash_encoder
+from datprl_arch.tools.encode_descriptions import default_source
 from datprl_arch.data.lmdb.writer import write_lmdb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

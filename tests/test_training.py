@@ -19,7 +19,7 @@ import datprl_arch  # noqa: F401
 from basicsr.models import build_model
 from datprl_arch.data.toy import write_pairs
 from datprl_arch.options import OptionFileError
-from datprl_arch.tools.encode_descriptions import encode_files, hash_encoder
+from datprl_arch.priors.encoders import encode_files, hash_encoder
 from datprl_arch.utils.atomic import atomic_torch_save
 
 NETWORK = dict(type='DATPRLRestormer', dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1],

@@ -19,7 +19,7 @@ from basicsr.utils import scandir
 from ..errors import DatprlError
 from ..utils.debris import stale_debris
 from ..utils.problems import MAX_LISTED, Problems
-from .descriptions import DescriptionError, read_descriptions
+from ..priors.descriptions import DescriptionError, read_descriptions
 from .image_io import IMAGE_SUFFIXES, ImageDecodeError, ImageFormat, check_file, file_format
 from .lmdb.checks import LmdbError, inspect_lmdb
 from .lmdb.meta import META_FILE, read_build_record, read_lmdb_meta
