@@ -190,7 +190,7 @@ def main(argv=None) -> None:
     notice = bf16_notice(device) if args.amp == 'bf16' else None
 
     if args.data:
-        from .data import throughput
+        from . import throughput
         from .mdmini import build
         build(args.data_root)
         _emit('data loading on MD-Mini: samples/s at 128x128 crops')

@@ -25,7 +25,7 @@ from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.models import build_model
 from basicsr.utils import img2tensor, tensor2img
 from basicsr.utils.registry import MODEL_REGISTRY
-from datprl_arch.data.toy import write_pairs
+from toy import write_pairs
 from datprl_arch.benchmark import main as benchmark_main
 from datprl_arch.evaluation import samples as samples_module
 from datprl_arch.evaluation.aggregate import aggregates, summarize_set, t_quantile_975

@@ -9,7 +9,7 @@ import datprl_arch  # noqa: F401
 from basicsr.data import build_dataset
 from datprl_arch.data.sources import DataSourceError
 from datprl_arch.utils.problems import MAX_LISTED
-from datprl_arch.data.toy import write_pairs
+from toy import write_pairs
 from datprl_arch.data.lmdb.writer import make_paired_lmdb
 
 

@@ -12,7 +12,7 @@ import torch
 import datprl_arch  # noqa: F401
 from basicsr.data import build_dataset
 from datprl_arch.data.lmdb.meta import read_lmdb_meta
-from datprl_arch.data.toy import write_pairs
+from toy import write_pairs
 from datprl_arch.data.lmdb import writer
 from datprl_arch.tools import make_lmdb
 from basicsr.utils.file_client import FileClient, LmdbBackend

@@ -11,7 +11,7 @@ import datprl_arch  # noqa: F401
 from datprl_arch.data import degradations as deg
 from datprl_arch.data.multidomain_dataset import DATPRLMultiDomainDataset, photometric_jitter, synth_crop
 from datprl_arch.data.sources import DataSourceError
-from datprl_arch.data.toy import write_pairs
+from toy import write_pairs
 from datprl_arch.losses.pixel_weighting import error_weights
 
 KINDS = {'sr': {'kernel': ['bicubic', 'area']}, 'rain': {'length': [8, 30]}, 'motion_blur': {'size': [7, 15]},

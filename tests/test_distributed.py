@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch import distributed as dist
 
-from datprl_arch.data.toy import write_pairs
+from toy import write_pairs
 from datprl_arch.train import drop_local_rank_flag
 from test_runners import NETWORK_G
 

@@ -25,7 +25,7 @@ import basicsr.train
 from basicsr.archs import build_network
 from basicsr.data import build_dataset
 from basicsr.models import build_model
-from datprl_arch.data.toy import random_image
+from toy import random_image
 from datprl_arch.options import load_option_file
 from datprl_arch.priors.encoders import encode_files, hash_encoder
 from datprl_arch.tools.encode_descriptions import default_source

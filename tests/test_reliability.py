@@ -29,7 +29,7 @@ from datprl_arch.archs.restormer_arch import PaddedRestormer
 from datprl_arch.data.lmdb.meta import read_build_record
 from datprl_arch.data.multidomain_dataset import label_warnings
 from datprl_arch.data.sources import DataSourceError
-from datprl_arch.data.toy import write_pairs
+from toy import write_pairs
 from datprl_arch.options import OptionFileError, load_option_file
 from datprl_arch.options_schema import validate
 from datprl_arch.data.lmdb import install, writer

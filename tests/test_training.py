@@ -17,7 +17,7 @@ import yaml
 
 import datprl_arch  # noqa: F401
 from basicsr.models import build_model
-from datprl_arch.data.toy import write_pairs
+from toy import write_pairs
 from datprl_arch.options import OptionFileError
 from datprl_arch.priors.encoders import encode_files, hash_encoder
 from datprl_arch.utils.atomic import atomic_torch_save
