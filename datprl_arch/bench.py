@@ -223,8 +223,9 @@ def main(argv=None) -> None:
         base = next(results)
         for i in ours:
             r = next(results)
-            rows.append([c, i, f"{base['eval_ms']:.0f}", f"{r['eval_ms']:.0f}", f"{base['eval_ms'] / r['eval_ms']:.2f}x",
-                         f"{base['train_ms']:.0f}", f"{r['train_ms']:.0f}", f"{base['train_ms'] / r['train_ms']:.2f}x"])
+            rows.append([c, i, f"{base['eval_ms']:.0f}", f"{r['eval_ms']:.0f}",
+                         f"{base['eval_ms'] / r['eval_ms']:.2f}x", f"{base['train_ms']:.0f}", f"{r['train_ms']:.0f}",
+                         f"{base['train_ms'] / r['train_ms']:.2f}x"])
     _emit(_table(['config', 'impl', 'official eval ms', 'eval ms', 'eval speed-up', 'official train ms', 'train ms',
                   'train speed-up'], rows))
 

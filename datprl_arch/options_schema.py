@@ -418,7 +418,7 @@ def _check_val(c: Checker, val: Mapping, is_train: bool, ours: bool, srmodel: bo
 def _check_dataset(c: Checker, where: str, ds: Mapping, phase: str) -> None:
     from basicsr.utils.registry import DATASET_REGISTRY
 
-    from .data.multidomain_dataset import DATPRLMultiDomainDataset, OFFICIAL_NAMES
+    from .data.multidomain_dataset import OFFICIAL_NAMES, DATPRLMultiDomainDataset
     from .data.sources import dataset_problems, parse_source
 
     kind = ds.get('type')

@@ -8,6 +8,7 @@ import torch
 import datprl_arch  # noqa: F401  (registers the networks; applies the basicsr compatibility fixes)
 from basicsr.archs import build_network
 from basicsr.utils.registry import ARCH_REGISTRY
+
 from networks import TINY, TINY_NAF
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
@@ -73,8 +74,8 @@ def test_lean_full_size_drops_exactly_the_dead_parameters():
     assert sum(p.numel() for p in lean.parameters()) == 53_133_552 - 9_089_536
 
 
-NAMES = ['DATPRLRestormer', 'DualPromptRestormerv3', 'DATPRLRestormerTaskPool', 'DualPromptRestormerv3_only_task_prompt',
-         'DATPRLNAFNet', 'DualPromptNAFNetv3', 'PaddedRestormer', 'Restormer']
+NAMES = ['DATPRLRestormer', 'DualPromptRestormerv3', 'DATPRLRestormerTaskPool',
+         'DualPromptRestormerv3_only_task_prompt', 'DATPRLNAFNet', 'DualPromptNAFNetv3', 'PaddedRestormer', 'Restormer']
 
 
 @pytest.mark.parametrize('name', NAMES)

@@ -25,14 +25,15 @@ from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.models import build_model
 from basicsr.utils import img2tensor, tensor2img
 from basicsr.utils.registry import MODEL_REGISTRY
-from toy import write_pairs
 from datprl_arch.benchmark import main as benchmark_main
+from datprl_arch.data.lmdb.writer import make_paired_lmdb
 from datprl_arch.evaluation import samples as samples_module
 from datprl_arch.evaluation.aggregate import aggregates, summarize_set, t_quantile_975
 from datprl_arch.evaluation.metrics import EIGHT_BIT, NATIVE, score, upsample_to
 from datprl_arch.evaluation.runner import BenchmarkError, run_benchmark
-from datprl_arch.data.lmdb.writer import make_paired_lmdb
 from datprl_arch.utils.atomic import atomic_write_json
+
+from toy import write_pairs
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 TIMEOUT_S = 120

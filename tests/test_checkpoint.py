@@ -63,7 +63,8 @@ def test_wrong_network_names_missing_and_unexpected_keys(tmp_path, golden):
     sd.pop('output.weight')
     sd['extra.weight'] = torch.zeros(1)
     torch.save({'params': sd}, tmp_path / 'w.pth')
-    with pytest.raises(CheckpointError, match=r"1 missing keys \['output.weight'\].*1 unexpected keys \['extra.weight'\]"):
+    expected = r"1 missing keys \['output.weight'\].*1 unexpected keys \['extra.weight'\]"
+    with pytest.raises(CheckpointError, match=expected):
         load_checkpoint(fresh(golden), str(tmp_path / 'w.pth'))
 
 

@@ -14,6 +14,7 @@ from basicsr.utils.registry import DATASET_REGISTRY
 from datprl_arch.data import image_io
 from datprl_arch.data.multidomain_dataset import DATPRLMultiDomainDataset, crop_upsampled, upsample
 from datprl_arch.data.sources import DataSourceError
+
 from toy import write_pairs
 
 

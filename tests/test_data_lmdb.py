@@ -11,12 +11,13 @@ import torch
 
 import datprl_arch  # noqa: F401
 from basicsr.data import build_dataset
-from datprl_arch.data.lmdb.meta import read_lmdb_meta
-from toy import write_pairs
-from datprl_arch.data.lmdb import writer
-from datprl_arch.tools import make_lmdb
 from basicsr.utils.file_client import FileClient, LmdbBackend
+from datprl_arch.data.lmdb import writer
+from datprl_arch.data.lmdb.meta import read_lmdb_meta
 from datprl_arch.data.lmdb.writer import LmdbWriteError, folder_items, make_paired_lmdb, verify_lmdb, write_lmdb
+from datprl_arch.tools import make_lmdb
+
+from toy import write_pairs
 
 #: lmdb>=2 refuses a second open of one environment per process; datprl_arch._compat installs a shared backend.
 needs_shared_lmdb = pytest.mark.skipif(FileClient._backends['lmdb'] is LmdbBackend and int(lmdb.__version__[0]) >= 2,

@@ -8,6 +8,7 @@ import datprl_arch  # noqa: F401
 from basicsr.data import build_dataloader, build_dataset
 from basicsr.data.data_sampler import EnlargedSampler
 from datprl_arch.data.sampling import BalancedSchedule, allocate
+
 from toy import write_pairs
 
 SIZES = [7, 3, 11, 5]

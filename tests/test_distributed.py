@@ -14,9 +14,10 @@ import torch
 import yaml
 from torch import distributed as dist
 
-from toy import write_pairs
 from datprl_arch.train import drop_local_rank_flag
+
 from test_runners import NETWORK_G
+from toy import write_pairs
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason='this torch build has no gloo backend')

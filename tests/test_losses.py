@@ -3,12 +3,13 @@ import math
 
 import pytest
 import torch
+
 from basicsr.losses import build_loss
 from basicsr.utils.registry import LOSS_REGISTRY
-
 from datprl_arch.archs.prompt.pool import PoolOutput, PromptPool
 from datprl_arch.losses import (DATPRLBalanceLoss, DATPRLDiversityLoss, DATPRLDomainAlignmentLoss, DATPRLFFTLoss,
                                 DATPRLSupConLoss, TextSpaceProjection)
+
 from networks import TINY
 
 
@@ -55,11 +56,11 @@ def dft_l1_loop(pred, gt, full=False):
     for bi in range(b):
         for ci in range(c):
             for k in range(h):
-                for l in range(w if full else w // 2 + 1):
+                for col in range(w if full else w // 2 + 1):
                     re = im = 0.0
                     for m in range(h):
                         for n in range(w):
-                            angle = -2 * math.pi * (k * m / h + l * n / w)
+                            angle = -2 * math.pi * (k * m / h + col * n / w)
                             d = float(pred[bi, ci, m, n] - gt[bi, ci, m, n])
                             re += d * math.cos(angle)
                             im += d * math.sin(angle)

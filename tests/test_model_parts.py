@@ -13,6 +13,7 @@ from datprl_arch.models.analysis import PromptAnalysis, normalized_mutual_inform
 from datprl_arch.models.optim import (OPTIMIZERS, CosineAnnealingRestartCyclicLR, build_optimizer, build_scheduler,
                                       parameter_groups, resolve_parts)
 from datprl_arch.models.reporting import ValidationReport
+
 from networks import TINY
 
 

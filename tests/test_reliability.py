@@ -21,21 +21,22 @@ import torch
 import yaml
 
 import datprl_arch  # noqa: F401
+from datprl_arch import _compat, train
 from basicsr.data import build_dataset
 from basicsr.models import build_model
 from basicsr.utils import get_root_logger
-from datprl_arch import _compat, train
 from datprl_arch.archs.restormer_arch import PaddedRestormer
+from datprl_arch.data.lmdb import install, writer
 from datprl_arch.data.lmdb.meta import read_build_record
+from datprl_arch.data.lmdb.writer import LmdbWriteError, make_paired_lmdb
 from datprl_arch.data.multidomain_dataset import label_warnings
 from datprl_arch.data.sources import DataSourceError
-from toy import write_pairs
 from datprl_arch.options import OptionFileError, load_option_file
 from datprl_arch.options_schema import validate
-from datprl_arch.data.lmdb import install, writer
-from datprl_arch.data.lmdb.writer import LmdbWriteError, make_paired_lmdb
 from datprl_arch.utils import resume
 from datprl_arch.utils.checkpoint import CheckpointError, load_checkpoint
+
+from toy import write_pairs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_FILE = os.path.join(ROOT, 'options', 'demo', 'md_mini_train.yml')

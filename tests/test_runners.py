@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from basicsr.metrics import calculate_psnr
+
 from conftest import write_png_pairs
 
 # The network every end-to-end run trains: the project's DATPRL-Restormer, as small as it goes.

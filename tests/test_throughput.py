@@ -5,7 +5,8 @@ from datprl_arch import throughput
 
 
 def test_train_options_switch_every_source_to_the_backend(tmp_path):
-    sources = [{'name': 'rain', 'dataroot_gt': 'pools/natural/gt.lmdb', 'mode': 'synth', 'io_backend': {'type': 'lmdb'}},
+    sources = [{'name': 'rain', 'dataroot_gt': 'pools/natural/gt.lmdb', 'mode': 'synth',
+                'io_backend': {'type': 'lmdb'}},
                {'name': 'ct', 'dataroot_gt': 'ct/gt', 'dataroot_lq': 'ct/lq', 'io_backend': {'type': 'disk'}}]
     (tmp_path / 'options_train.yml').write_text(yaml.safe_dump(
         {'datasets': {'train': {'batch_size_per_gpu': 9, 'datasets': sources}}}))

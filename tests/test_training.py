@@ -17,10 +17,11 @@ import yaml
 
 import datprl_arch  # noqa: F401
 from basicsr.models import build_model
-from toy import write_pairs
 from datprl_arch.options import OptionFileError
 from datprl_arch.priors.encoders import encode_files, hash_encoder
 from datprl_arch.utils.atomic import atomic_torch_save
+
+from toy import write_pairs
 
 NETWORK = dict(type='DATPRLRestormer', dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1],
                refine_blk_num=1, heads=[1, 2, 4, 8], domain_pool_size=4, degradation_pool_size=5,
@@ -154,7 +155,8 @@ def test_killed_run_resumes_with_the_saved_state_and_finishes(tmp_path, data):
     weights = torch.load(tmp_path / 'experiments' / 'killed' / 'models' / f'net_g_{saved_iter}.pth', weights_only=True)
     # what BasicSR's train_pipeline does on resume, in-process, compared tensor by tensor with the files
     resumed_opt = _model_opt(data, tmp_path, **killed)
-    resumed_opt['path'].update(pretrain_network_g=str(tmp_path / 'experiments/killed/models' / f'net_g_{saved_iter}.pth'))
+    saved = tmp_path / 'experiments/killed/models' / f'net_g_{saved_iter}.pth'
+    resumed_opt['path'].update(pretrain_network_g=str(saved))
     model = build_model(resumed_opt)
     model.resume_training(saved)
     for name, tensor in model.net_g.state_dict().items():
@@ -200,7 +202,8 @@ def _batch(model_opt, nan=False):
         lq[0, 0, 0, 0] = float('nan')
     return {'lq': lq, 'gt': torch.rand(6, 3, 16, 16), 'source': torch.tensor([0, 0, 1, 1, 2, 2]),
             'domain': torch.tensor([0, 0, 0, 0, 1, 1]), 'task': torch.tensor([0, 0, 1, 1, 2, 2]),
-            'gt_path': [f'/x/img00{i % 4}.png' for i in range(6)], 'source_name': ['rain'] * 2 + ['blur'] * 2 + ['ct'] * 2}
+            'gt_path': [f'/x/img00{i % 4}.png' for i in range(6)],
+            'source_name': ['rain'] * 2 + ['blur'] * 2 + ['ct'] * 2}
 
 
 def test_nonfinite_losses_skip_steps_then_stop(tmp_path, data, caplog):

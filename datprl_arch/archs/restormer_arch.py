@@ -57,7 +57,8 @@ class ChannelLayerNorm(nn.Module):
         # torch.compile needs dynamic=False here: with dynamic shapes (a second input size after padding to
         # RESTORMER_PAD), Inductor's stride-order test on this permute back fails ("cannot determine truth value of
         # Relational: 8*s0*s53 < 8", CPU Inductor, torch 2.14.1); bench and DATPRLModel compile static shapes.
-        return F.layer_norm(channels_last, (x.shape[1],), self.body.weight, self.body.bias, NORM_EPS).permute(0, 3, 1, 2)
+        normed = F.layer_norm(channels_last, (x.shape[1],), self.body.weight, self.body.bias, NORM_EPS)
+        return normed.permute(0, 3, 1, 2)
 
     def _literal(self, x):
         """Official computation: tokens ``[B, HW, C]``, hand-written mean/variance, back to a map."""

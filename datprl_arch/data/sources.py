@@ -17,9 +17,9 @@ from typing import Optional
 from basicsr.utils import scandir
 
 from ..errors import DatprlError
+from ..priors.descriptions import DescriptionError, read_descriptions
 from ..utils.debris import stale_debris
 from ..utils.problems import MAX_LISTED, Problems
-from ..priors.descriptions import DescriptionError, read_descriptions
 from .image_io import IMAGE_SUFFIXES, ImageDecodeError, ImageFormat, check_file, file_format
 from .lmdb.checks import LmdbError, inspect_lmdb
 from .lmdb.meta import META_FILE, read_build_record, read_lmdb_meta
@@ -181,7 +181,8 @@ def parse_source(opt: dict, index: int, problems: Problems, official: bool) -> O
         except (TypeError, ValueError):
             valid = False
         if not valid:
-            problems.add(label, f"sigma must be a positive number (noise std on the 0-255 scale), got {opt['sigma']!r}.")
+            problems.add(label, 'sigma must be a positive number (noise std on the 0-255 scale), got '
+                         f"{opt['sigma']!r}.")
             ok = False
     if not ok:
         return None

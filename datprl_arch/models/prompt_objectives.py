@@ -2,12 +2,12 @@
 
 Reads the network's last retrieval (``net.prompt_state``) and the batch labels, and returns the weighted terms:
 
-| term | option (6T value) | what |
-| --- | --- | --- |
-| ``l_div`` | ``prompt_diversity_weight`` (1.0), ``diversity_temperature`` (0.1) | prompts of a pool stay apart |
-| ``l_bal`` | ``prompt_balance_weight`` (0.1), ``balance_mode`` | soft pool usage stays near uniform |
-| ``l_con``, ``l_con_dom`` | ``prompt_contrastive_weight`` (0.1), ``contrastive_temperature`` | SupCon on task queries with task labels, domain queries with domain labels |
-| ``l_align`` | ``use_clip_constraint``, ``clip_alignment_weight`` (1.0) | domain prompts pulled to their images' description embeddings |
+- ``l_div``: ``prompt_diversity_weight`` (6T: 1.0), ``diversity_temperature`` (0.1); prompts of a pool stay apart.
+- ``l_bal``: ``prompt_balance_weight`` (0.1), ``balance_mode``; soft pool usage stays near uniform.
+- ``l_con``, ``l_con_dom``: ``prompt_contrastive_weight`` (0.1), ``contrastive_temperature``; SupCon on task queries
+  with task labels, domain queries with domain labels.
+- ``l_align``: ``use_clip_constraint``, ``clip_alignment_weight`` (1.0); domain prompts pulled to their images'
+  description embeddings.
 
 Hard usage counters are kept over windows of ``stats_update_freq`` iterations and logged; with ``reinit_prompts``
 prompts never selected in a window are re-initialised. The alignment's projection (when the prompt and text widths
@@ -24,8 +24,9 @@ from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
-from basicsr.utils import get_root_logger
 from torch import nn
+
+from basicsr.utils import get_root_logger
 
 from ..losses import (DATPRLBalanceLoss, DATPRLDiversityLoss, DATPRLDomainAlignmentLoss, DATPRLSupConLoss,
                       TextSpaceProjection)

@@ -13,7 +13,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from datprl_arch.data.lmdb.writer import DEFAULT_COMPRESS_LEVEL, LmdbWriteError, folder_items, make_paired_lmdb, write_lmdb
+from datprl_arch.data.lmdb.writer import (DEFAULT_COMPRESS_LEVEL, LmdbWriteError, folder_items, make_paired_lmdb,
+                                          write_lmdb)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -6,6 +6,6 @@ from .pool import PoolOutput, PoolSpec, PromptPool
 from .query import PoolQuery
 from .system import PromptState, PromptSystem, prompt_parameter_names
 
-__all__ = ['PROMPT_ARGUMENTS', 'TASK_POOL_ARGUMENTS', 'BlockStack', 'PoolOutput', 'PoolQuery', 'PoolSpec', 'PromptConfig',
-           'PromptPool', 'PromptState', 'PromptSystem', 'PromptedBlock', 'SingleKeyAttention', 'dead_parameter_names',
-           'prompt_parameter_names']
+__all__ = ['PROMPT_ARGUMENTS', 'TASK_POOL_ARGUMENTS', 'BlockStack', 'PoolOutput', 'PoolQuery', 'PoolSpec',
+           'PromptConfig', 'PromptPool', 'PromptState', 'PromptSystem', 'PromptedBlock', 'SingleKeyAttention',
+           'dead_parameter_names', 'prompt_parameter_names']

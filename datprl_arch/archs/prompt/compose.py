@@ -86,4 +86,3 @@ def feed_forward(dim: int, expansion: int = 2, dropout: float = DROPOUT) -> nn.S
     """The composition's residual feed-forward ``Linear(E, 2E), GELU, Dropout, Linear(2E, E)``."""
     return nn.Sequential(nn.Linear(dim, expansion * dim), nn.GELU(), nn.Dropout(dropout),
                          nn.Linear(expansion * dim, dim))
-

@@ -26,7 +26,6 @@ from .config import PROMPT_ARGUMENTS, PromptConfig
 from .pool import PoolOutput, PromptPool
 from .query import DOMAIN_QUERY_GRID, TASK_QUERY_GRID, PoolQuery
 
-
 PROMPT_MODULES = ('domain_prompt_pool', 'degradation_prompt_pool', 'domain_mapper', 'degradation_mapper',
                   'prompt_cross_attention', 'prompt_fusion_norm', 'prompt_fusion_ffn')
 

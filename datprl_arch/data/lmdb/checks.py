@@ -135,4 +135,3 @@ def inspect_lmdb(path: str, meta: Mapping[str, tuple], verify: bool = False
     finally:
         close()
     return missing, formats, problems
-

@@ -183,7 +183,8 @@ def _build(items, lmdb_path: str, compress_level: int = DEFAULT_COMPRESS_LEVEL,
             f.writelines(meta)
     except lmdb.MapFullError:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise LmdbWriteError(f'{lmdb_path}: map size {map_size} bytes is too small; pass a larger --map-size.') from None
+        raise LmdbWriteError(f'{lmdb_path}: map size {map_size} bytes is too small; pass a larger '
+                             '--map-size.') from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
