@@ -1,27 +1,22 @@
 """DATPRL networks: exact equivalence with the official code, checkpoint keys, registry, gradients, modes."""
 import glob
+import inspect
 import os
 
 import pytest
 import torch
+import yaml
 
 import datprl_arch  # noqa: F401  (registers the networks; applies the basicsr compatibility fixes)
 from basicsr.archs import build_network
 from basicsr.utils.registry import ARCH_REGISTRY
+from datprl_arch.bench import CDD11, SIX_TASK
 
 from networks import TINY, TINY_NAF
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 GOLDEN = sorted(glob.glob(os.path.join(DATA, '*.pt')))
 TOLERANCE = 1e-6  # the README promises < 1e-6; measured up to 4.8e-7
-
-SIX_TASK = dict(type='DualPromptRestormerv3', dim=48, enc_blk_nums=[4, 6, 6], middle_blk_num=8,
-                dec_blk_nums=[6, 6, 4], refine_blk_num=4, heads=[1, 2, 4, 8], ffn_expansion_factor=2.66,
-                LayerNorm_type='WithBias', domain_pool_size=15, degradation_pool_size=15, domain_prompt_dim=1024,
-                degradation_prompt_dim=1024, domain_top_k=5, degradation_top_k=3, value_num_tokens=2,
-                prompt_fusion_method='cross_attention', fusion_method='cross_attention')
-CDD11 = dict(type='DualPromptRestormerv3_only_task_prompt', degradation_pool_size=15, degradation_prompt_dim=1024,
-             degradation_top_k=3, value_num_tokens=2, fusion_method='cross_attention')
 
 
 def load_golden(path):
@@ -67,6 +62,21 @@ def test_full_size_keys_and_shapes(config, listing, params):
     ours = [(k, '[' + ','.join(map(str, v.shape)) + ']') for k, v in net.state_dict().items()]
     assert ours == read_key_list(listing)
     assert sum(p.numel() for p in net.parameters()) == params
+
+
+@pytest.mark.parametrize('config,option_file', [(SIX_TASK, 'datprl_6t.yml'), (CDD11, 'datprl_cdd11.yml')],
+                         ids=['6t', 'cdd11'])
+def test_benchmarked_configurations_are_the_official_option_files_networks(config, option_file):
+    with open(os.path.join(os.path.dirname(os.path.dirname(DATA)), 'options', 'train', option_file)) as f:
+        official = yaml.safe_load(f)['network_g']
+
+    def arguments(options):
+        cls = ARCH_REGISTRY.get(options['type'])
+        bound = inspect.signature(cls).bind(**{k: v for k, v in options.items() if k != 'type'})
+        bound.apply_defaults()
+        return cls, {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in bound.arguments.items()}
+
+    assert arguments(config) == arguments(official)
 
 
 def test_lean_full_size_drops_exactly_the_dead_parameters():
@@ -282,8 +292,6 @@ def test_prompt_config_is_frozen_and_computes_the_prompt_width():
 
 
 def test_the_task_pool_network_takes_no_domain_arguments_and_equals_the_switch():
-    import inspect
-
     from datprl_arch.options_schema import Checker
     task_pool = ARCH_REGISTRY.get('DATPRLRestormerTaskPool')
     names = set(inspect.signature(task_pool).parameters)
