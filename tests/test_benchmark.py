@@ -33,15 +33,13 @@ from datprl_arch.evaluation.metrics import EIGHT_BIT, NATIVE, score, upsample_to
 from datprl_arch.evaluation.runner import BenchmarkError, run_benchmark
 from datprl_arch.utils.atomic import atomic_write_json
 
+from networks import SMALL_PROMPTS
 from toy import write_pairs
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 TIMEOUT_S = 120
 # The option file's network; checkpoint 'tuned' is one of these without network options.
-DATPRL_NET = dict(type='DATPRLRestormer', dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1],
-                  refine_blk_num=1, heads=[1, 1, 1, 1], domain_pool_size=4, degradation_pool_size=4,
-                  domain_prompt_dim=16, degradation_prompt_dim=16, domain_top_k=2, degradation_top_k=2,
-                  value_num_tokens=2)
+DATPRL_NET = SMALL_PROMPTS
 # Checkpoint 'plain' is this other network and carries its options.
 RESTORMER_NET = dict(type='PaddedRestormer', dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,
                      heads=[1, 1, 1, 1])

@@ -36,6 +36,7 @@ from datprl_arch.options_schema import validate
 from datprl_arch.utils import resume
 from datprl_arch.utils.checkpoint import CheckpointError, load_checkpoint
 
+from networks import SMALL_PROMPTS
 from toy import write_pairs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -469,9 +470,8 @@ def test_a_key_set_twice_is_an_error(tmp_path):
 
 CHECKPOINT_OF_ANOTHER_NETWORK = dict(
     name='other_net', model_type='DATPRLModel', scale=1, num_gpu=0, manual_seed=0,
-    network_g=dict(type='DATPRLRestormer', dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1],
-                   refine_blk_num=1, heads=[1, 1, 1, 1], domain_pool_size=2, degradation_pool_size=2,
-                   domain_prompt_dim=8, degradation_prompt_dim=8, domain_top_k=1, degradation_top_k=1),
+    network_g=dict(SMALL_PROMPTS, domain_pool_size=2, degradation_pool_size=2, domain_prompt_dim=8,
+                   degradation_prompt_dim=8, domain_top_k=1, degradation_top_k=1),
     path={'strict_load_g': True, 'resume_state': None},
     train=dict(optim_g={'type': 'Adam', 'lr': 1e-3}, scheduler={'type': 'MultiStepLR', 'milestones': [10]},
                total_iter=2, pixel_opt={'type': 'L1Loss', 'loss_weight': 1.0}),

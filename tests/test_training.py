@@ -21,12 +21,10 @@ from datprl_arch.options import OptionFileError
 from datprl_arch.priors.encoders import encode_files, hash_encoder
 from datprl_arch.utils.atomic import atomic_torch_save
 
+from networks import SMALL_PROMPTS
 from toy import write_pairs
 
-NETWORK = dict(type='DATPRLRestormer', dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1],
-               refine_blk_num=1, heads=[1, 2, 4, 8], domain_pool_size=4, degradation_pool_size=5,
-               domain_prompt_dim=16, degradation_prompt_dim=16, domain_top_k=2, degradation_top_k=2,
-               value_num_tokens=2)
+NETWORK = dict(SMALL_PROMPTS, heads=[1, 2, 4, 8], degradation_pool_size=5)  # pools of different sizes
 SOURCES = [('rain', 'natural', 'derain', 8), ('blur', 'natural', 'deblur', 8), ('ct', 'medical', 'ct_denoise', 16)]
 ALL_TERMS = ('l_pix', 'l_fft', 'l_div', 'l_bal', 'l_con', 'l_con_dom', 'l_align')
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
@@ -152,11 +150,11 @@ def test_killed_run_resumes_with_the_saved_state_and_finishes(tmp_path, data):
 
     saved_iter = max(int(p.stem) for p in states.glob('*.state'))
     saved = torch.load(states / f'{saved_iter}.state', weights_only=True)
-    weights = torch.load(tmp_path / 'experiments' / 'killed' / 'models' / f'net_g_{saved_iter}.pth', weights_only=True)
+    weights_file = tmp_path / 'experiments' / 'killed' / 'models' / f'net_g_{saved_iter}.pth'
+    weights = torch.load(weights_file, weights_only=True)
     # what BasicSR's train_pipeline does on resume, in-process, compared tensor by tensor with the files
     resumed_opt = _model_opt(data, tmp_path, **killed)
-    saved = tmp_path / 'experiments/killed/models' / f'net_g_{saved_iter}.pth'
-    resumed_opt['path'].update(pretrain_network_g=str(saved))
+    resumed_opt['path'].update(pretrain_network_g=str(weights_file))
     model = build_model(resumed_opt)
     model.resume_training(saved)
     for name, tensor in model.net_g.state_dict().items():
