@@ -44,6 +44,16 @@ def check_size(path: str, env: lmdb.Environment) -> None:
                         'python -m datprl_arch.tools.make_lmdb.')
 
 
+def _size_checked(path: str, env: lmdb.Environment) -> lmdb.Environment:
+    """``env`` after :func:`check_size`; closed again when the check fails."""
+    try:
+        check_size(path, env)
+    except BaseException:
+        env.close()
+        raise
+    return env
+
+
 def open_checked(path: str, **options) -> lmdb.Environment:
     """``lmdb.open(path, **options)`` followed by :func:`check_size`; any failure is an :class:`LmdbError`."""
     if osp.isfile(data_file(path)) and os.path.getsize(data_file(path)) == 0:
@@ -53,12 +63,7 @@ def open_checked(path: str, **options) -> lmdb.Environment:
         env = lmdb.open(path, **options)
     except lmdb.Error as err:
         raise LmdbError(f'LMDB {path} cannot be opened ({err}); is data.mdb complete?') from None
-    try:
-        check_size(path, env)
-    except BaseException:
-        env.close()
-        raise
-    return env
+    return _size_checked(path, env)
 
 
 def damaged(path: str, err: Exception, key: Optional[str] = None) -> LmdbError:
@@ -108,12 +113,7 @@ def inspect_lmdb(path: str, meta: Mapping[str, tuple], verify: bool = False
         get = lambda key: client.get(key, 'check')  # noqa: E731
         close = lambda: None  # noqa: E731
     else:
-        try:
-            check_size(path, env)
-        except BaseException:
-            env.close()
-            raise
-        txn = env.begin(write=False, buffers=True)
+        txn = _size_checked(path, env).begin(write=False, buffers=True)
         get = lambda key: txn.get(key.encode('ascii'))  # noqa: E731
 
         def close():
