@@ -63,6 +63,7 @@ RANK_SCRIPT = textwrap.dedent('''
     def load(relative):  # both modules need only torch: skip the package import (basicsr, cv2: seconds per rank)
         spec = importlib.util.spec_from_file_location(os.path.basename(relative)[:-3], relative)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
         return module
 
