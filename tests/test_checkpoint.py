@@ -88,6 +88,7 @@ def test_training_state_is_not_mistaken_for_weights(tmp_path, golden):
         load_checkpoint(fresh(golden), str(tmp_path / '10.state'))
 
 
+@pytest.mark.slow
 def test_convert_lightning_checkpoint_with_python_objects(tmp_path, golden):
     import subprocess
     import sys

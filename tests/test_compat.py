@@ -430,6 +430,7 @@ def test_patches_skip_other_basicsr_versions(monkeypatch):
     assert basicsr.train.load_resume_state == 'untouched'
 
 
+@pytest.mark.slow
 def test_p11_import_creates_no_logger():
     code = ('import logging, json, datprl_arch\n'
             'from basicsr.utils.logger import initialized_logger\n'

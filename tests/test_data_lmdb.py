@@ -144,6 +144,7 @@ def test_unpaired_folders_are_refused(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['src']
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path, capsys):
     gt, lq = write_pairs(str(tmp_path / 'src'), 2, (16, 16), lq_tmpl='{}_x1')
     cmd = [sys.executable, '-m', 'datprl_arch.tools.make_lmdb', '--gt', gt, '--lq', lq, '--gt-lmdb',

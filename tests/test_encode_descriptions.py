@@ -41,6 +41,7 @@ def start_cli(*args, hash_seed):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_cli_hash_encoder_writes_a_file_the_loader_reads_deterministically(described, tmp_path):
     rain, mri = described
     outputs = [tmp_path / 'priors0.pt', tmp_path / 'priors1.pt']

@@ -478,6 +478,7 @@ CHECKPOINT_OF_ANOTHER_NETWORK = dict(
     logger={'print_freq': 1, 'save_checkpoint_freq': 2, 'use_tb_logger': False})
 
 
+@pytest.mark.slow
 def test_runner_prints_a_data_or_checkpoint_error_as_one_message(tmp_path):
     gt, lq = write_pairs(str(tmp_path / 'data'), 2, (32, 32))
     net = PaddedRestormer(**{k: v for k, v in TINY_NET.items() if k != 'type'})

@@ -73,6 +73,7 @@ def layout(tmp_path):
     return dict(gt=gt, lq=lq, opts=tmp_path / 'opts', root=tmp_path / 'root', elsewhere=tmp_path / 'elsewhere')
 
 
+@pytest.mark.slow
 def test_train_auto_resume_from_another_directory_then_test(layout):
     root, elsewhere = layout['root'], layout['elsewhere']
     train_yml = write_yaml(layout['opts'] / 'train.yml', train_options(layout['gt'], layout['lq']))

@@ -134,6 +134,7 @@ def _model_opt(root, tmp_path, **train):
     return opt
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_the_saved_state_and_finishes(tmp_path, data):
     killed = EVERY_LOSS | {'use_amp': False, 'text_embeddings': str(data / 'texts.pt')}
     opt = options(data, 'killed', total_iter=100000, **killed)
