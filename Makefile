@@ -1,8 +1,10 @@
 # Two commands on a fresh clone (Python 3.11; torch is pinned):
 #   make demo   install once, build MD-Mini, train DATPRL on its 9 tasks (CPU: a few minutes), then benchmark
 #               it against the degraded inputs on the 9 test sets and on the unseen check
-#   make test   install once, then run the test suite
-# Also: make demo-ablation (prompt-free backbone, task pool only, full DATPRL; 3 seeds each at the demo's budget).
+#   make test   install once, then run the test suite (all of it, what CI runs)
+# Also: make demo-ablation (prompt-free backbone, task pool only, full DATPRL; 3 seeds each at the demo's budget),
+#       make test-fast (the suite without the slow end-to-end subprocess tests, for the edit loop),
+#       make lint (flake8 and isort at 120 columns, configured in setup.cfg).
 # Installation is stamped in $(VENV)/.installed and reruns only when setup.py or requirements/ change.
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -11,7 +13,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 MD_MINI := datasets/md_mini
 
-.PHONY: install demo demo-ablation test clean
+.PHONY: install demo demo-ablation test test-fast lint clean
 
 install: $(STAMP)
 
@@ -42,6 +44,13 @@ demo-ablation: $(MD_MINI)/texts.pt
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(PY) -m flake8 .
+	$(PY) -m isort --check-only --diff .
 
 clean:
 	rm -rf $(MD_MINI) experiments/datprl_md_mini* results/datprl_md_mini*

@@ -11,6 +11,14 @@ from setuptools import find_packages, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def version():
+    """``__version__`` of ``datprl_arch/version.py``, read without importing the package (it needs torch)."""
+    namespace = {}
+    with open(os.path.join(HERE, 'datprl_arch', 'version.py'), encoding='utf-8') as f:
+        exec(f.read(), namespace)
+    return namespace['__version__']
+
+
 def requirements(name):
     """Requirement lines of ``requirements/<name>.txt`` (comments dropped, ``-r other.txt`` followed)."""
     lines = []
@@ -26,10 +34,11 @@ def requirements(name):
 
 setup(
     name='datprl',
-    version='0.1.0',
+    version=version(),
     description='Prompt-based multi-domain all-in-one image restoration (DATPRL-IR) for BasicSR',
     long_description=open(os.path.join(HERE, 'README.md'), encoding='utf-8').read(),
     long_description_content_type='text/markdown',
+    license='Apache-2.0',
     packages=find_packages(include=['datprl_arch', 'datprl_arch.*']),
     python_requires='>=3.9,<3.13',
     install_requires=['basicsr==1.4.2'] + requirements('runtime'),

@@ -6,5 +6,4 @@ network, dataset, loss and model of the project into BasicSR's registries. Nothi
 """
 from . import _compat  # noqa: F401  (must precede every basicsr import)
 from . import archs, data, losses, models  # noqa: F401,E402  (registration)
-
-__version__ = '0.1.0'
+from .version import __version__  # noqa: F401

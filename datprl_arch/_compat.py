@@ -127,7 +127,7 @@ def shared_lmdb_env(path: str, **open_kwargs):
     files were replaced since it was opened is reopened. ``open_kwargs`` go to ``lmdb.open`` on (re)opening; a
     ``data.mdb`` shorter than its pages is an ``LmdbError`` (reading it would end the process with SIGBUS).
     """
-    from .data.lmdb_env import open_checked
+    from .data.lmdb.checks import open_checked
 
     key = os.path.realpath(path)
     identity, pid = _lmdb_identity(key), os.getpid()
@@ -162,7 +162,7 @@ class SharedLmdbBackend:
             raise KeyError(f'lmdb backend: client_key {client_key!r} is not one of {list(self._paths)}.')
         import lmdb
 
-        from .data.lmdb_env import check_size, damaged
+        from .data.lmdb.checks import check_size, damaged
 
         path = self._paths[client_key]
         env = shared_lmdb_env(path, **self._open_kwargs)

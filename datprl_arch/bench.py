@@ -19,18 +19,24 @@ import resource
 import statistics
 import sys
 import time
+
 import torch
 
 from .utils.precision import AMP_DTYPES, amp_problem, autocast
 
 SPEC_EVAL_SHAPE, SPEC_TRAIN_SHAPE = (1, 3, 128, 128), (2, 3, 64, 64)  # the method spec's timing sizes
-SIX_TASK = dict(type='DualPromptRestormerv3', dim=48, enc_blk_nums=[4, 6, 6], middle_blk_num=8,
-                dec_blk_nums=[6, 6, 4], refine_blk_num=4, heads=[1, 2, 4, 8], domain_pool_size=15,
-                degradation_pool_size=15, domain_prompt_dim=1024, degradation_prompt_dim=1024, domain_top_k=5,
-                degradation_top_k=3, value_num_tokens=2)
+#: The Restormer backbone of the released networks (options/train/datprl_6t.yml, datprl_cdd11.yml).
+BACKBONE = dict(dim=48, enc_blk_nums=[4, 6, 6], middle_blk_num=8, dec_blk_nums=[6, 6, 4], refine_blk_num=4,
+                heads=[1, 2, 4, 8])
+#: The released 6-task network (both pools) and the CDD11 network (task pool only); the tests use these too.
+SIX_TASK = dict(type='DualPromptRestormerv3', **BACKBONE, domain_pool_size=15, degradation_pool_size=15,
+                domain_prompt_dim=1024, degradation_prompt_dim=1024, domain_top_k=5, degradation_top_k=3,
+                value_num_tokens=2)
+CDD11 = dict(type='DualPromptRestormerv3_only_task_prompt', **BACKBONE, degradation_pool_size=15,
+             degradation_prompt_dim=1024, degradation_top_k=3, value_num_tokens=2)
 CONFIGS = {
     '6t': SIX_TASK,
-    'cdd11': dict(type='DualPromptRestormerv3_only_task_prompt'),
+    'cdd11': CDD11,
     'prompt-free': dict(SIX_TASK, use_prompt=False),
 }
 IMPLS = {'official': dict(literal=True), 'datprl': {}, 'datprl-lean': dict(lean=True)}
@@ -192,7 +198,7 @@ def main(argv=None) -> None:
     notice = bf16_notice(device) if args.amp == 'bf16' else None
 
     if args.data:
-        from .data import throughput
+        from . import throughput
         from .mdmini import build
         build(args.data_root)
         _emit('data loading on MD-Mini: samples/s at 128x128 crops')
@@ -225,8 +231,9 @@ def main(argv=None) -> None:
         base = next(results)
         for i in ours:
             r = next(results)
-            rows.append([c, i, f"{base['eval_ms']:.0f}", f"{r['eval_ms']:.0f}", f"{base['eval_ms'] / r['eval_ms']:.2f}x",
-                         f"{base['train_ms']:.0f}", f"{r['train_ms']:.0f}", f"{base['train_ms'] / r['train_ms']:.2f}x"])
+            rows.append([c, i, f"{base['eval_ms']:.0f}", f"{r['eval_ms']:.0f}",
+                         f"{base['eval_ms'] / r['eval_ms']:.2f}x", f"{base['train_ms']:.0f}", f"{r['train_ms']:.0f}",
+                         f"{base['train_ms'] / r['train_ms']:.2f}x"])
     _emit(_table(['config', 'impl', 'official eval ms', 'eval ms', 'eval speed-up', 'official train ms', 'train ms',
                   'train speed-up'], rows))
 

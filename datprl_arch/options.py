@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 import yaml
+
 from basicsr.utils import options as basicsr_options
 
 from .errors import DatprlError

@@ -318,7 +318,8 @@ def _check_train(c: Checker, train: Mapping, train_keys, optimizers, schedulers,
 
     from .models.datprl_model import AMP_DTYPES, TRAIN_KEYS
     from .models.optim import OPTIMIZERS, SCHEDULERS
-    from .models.prompt_objectives import ALIGNMENT_TARGETS, TEXT_ENCODERS, clip_constraint_problem
+    from .models.prompt_objectives import ALIGNMENT_TARGETS
+    from .priors.training import TEXT_ENCODERS, clip_constraint_problem
 
     accepted = train_keys if train_keys is not None else TRAIN_KEYS + GAN_TRAIN_KEYS
     c.keys('train', train, accepted, ('total_iter', 'optim_g', 'scheduler'), complete=train_keys is not None)
@@ -417,8 +418,8 @@ def _check_val(c: Checker, val: Mapping, is_train: bool, ours: bool, srmodel: bo
 def _check_dataset(c: Checker, where: str, ds: Mapping, phase: str) -> None:
     from basicsr.utils.registry import DATASET_REGISTRY
 
-    from .data.multidomain_dataset import DATPRLMultiDomainDataset, OFFICIAL_NAMES
-    from .data.sources import Problems, parse_source
+    from .data.multidomain_dataset import OFFICIAL_NAMES, DATPRLMultiDomainDataset
+    from .data.sources import dataset_problems, parse_source
 
     kind = ds.get('type')
     ours = DATASET_REGISTRY._obj_map.get(kind) is DATPRLMultiDomainDataset if isinstance(kind, str) else False
@@ -454,7 +455,7 @@ def _check_dataset(c: Checker, where: str, ds: Mapping, phase: str) -> None:
         c.add(f'{where}.datasets', f'found {_found(sources)}, expected a non-empty list of sources (name, domain, '
               'task, dataroot_gt, dataroot_lq, io_backend, ...).')
         return
-    problems = Problems(where)
+    problems = dataset_problems(where)
     for index, source in enumerate(sources):
         parse_source(source, index, problems, kind in OFFICIAL_NAMES)
     for item in problems.items:

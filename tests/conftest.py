@@ -10,7 +10,7 @@ import datprl_arch  # noqa: F401  (first: compatibility fixes, then registration
 
 
 def pytest_configure(config):
-    config.addinivalue_line('markers', 'slow: end-to-end tests in subprocesses (deselect with -m "not slow")')
+    config.addinivalue_line('markers', 'slow: end-to-end tests in subprocesses (make test-fast: -m "not slow")')
 
 
 def write_png_pairs(root: str, count: int = 4, size: int = 32, seed: int = 0) -> tuple[str, str]:

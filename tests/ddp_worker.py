@@ -10,11 +10,12 @@ import json
 import os
 import sys
 
+import torch
+from torch import distributed as dist
+
 import datprl_arch  # noqa: F401  (compatibility fixes and registration, before basicsr)
 import basicsr.train
-import torch
 from basicsr.models import build_model
-from torch import distributed as dist
 
 
 def watch(model, record: dict):

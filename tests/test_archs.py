@@ -1,26 +1,22 @@
 """DATPRL networks: exact equivalence with the official code, checkpoint keys, registry, gradients, modes."""
 import glob
+import inspect
 import os
 
 import pytest
 import torch
+import yaml
 
 import datprl_arch  # noqa: F401  (registers the networks; applies the basicsr compatibility fixes)
 from basicsr.archs import build_network
 from basicsr.utils.registry import ARCH_REGISTRY
+from datprl_arch.bench import CDD11, SIX_TASK
+
 from networks import TINY, TINY_NAF
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 GOLDEN = sorted(glob.glob(os.path.join(DATA, '*.pt')))
-TOLERANCE = 1e-5
-
-SIX_TASK = dict(type='DualPromptRestormerv3', dim=48, enc_blk_nums=[4, 6, 6], middle_blk_num=8,
-                dec_blk_nums=[6, 6, 4], refine_blk_num=4, heads=[1, 2, 4, 8], ffn_expansion_factor=2.66,
-                LayerNorm_type='WithBias', domain_pool_size=15, degradation_pool_size=15, domain_prompt_dim=1024,
-                degradation_prompt_dim=1024, domain_top_k=5, degradation_top_k=3, value_num_tokens=2,
-                prompt_fusion_method='cross_attention', fusion_method='cross_attention')
-CDD11 = dict(type='DualPromptRestormerv3_only_task_prompt', degradation_pool_size=15, degradation_prompt_dim=1024,
-             degradation_top_k=3, value_num_tokens=2, fusion_method='cross_attention')
+TOLERANCE = 1e-6  # the README promises < 1e-6; measured up to 4.8e-7
 
 
 def load_golden(path):
@@ -68,13 +64,28 @@ def test_full_size_keys_and_shapes(config, listing, params):
     assert sum(p.numel() for p in net.parameters()) == params
 
 
+@pytest.mark.parametrize('config,option_file', [(SIX_TASK, 'datprl_6t.yml'), (CDD11, 'datprl_cdd11.yml')],
+                         ids=['6t', 'cdd11'])
+def test_benchmarked_configurations_are_the_official_option_files_networks(config, option_file):
+    with open(os.path.join(os.path.dirname(os.path.dirname(DATA)), 'options', 'train', option_file)) as f:
+        official = yaml.safe_load(f)['network_g']
+
+    def arguments(options):
+        cls = ARCH_REGISTRY.get(options['type'])
+        bound = inspect.signature(cls).bind(**{k: v for k, v in options.items() if k != 'type'})
+        bound.apply_defaults()
+        return cls, {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in bound.arguments.items()}
+
+    assert arguments(config) == arguments(official)
+
+
 def test_lean_full_size_drops_exactly_the_dead_parameters():
     lean = build_network(dict(SIX_TASK, lean=True))
     assert sum(p.numel() for p in lean.parameters()) == 53_133_552 - 9_089_536
 
 
-NAMES = ['DATPRLRestormer', 'DualPromptRestormerv3', 'DATPRLRestormerTaskPool', 'DualPromptRestormerv3_only_task_prompt',
-         'DATPRLNAFNet', 'DualPromptNAFNetv3', 'PaddedRestormer', 'Restormer']
+NAMES = ['DATPRLRestormer', 'DualPromptRestormerv3', 'DATPRLRestormerTaskPool',
+         'DualPromptRestormerv3_only_task_prompt', 'DATPRLNAFNet', 'DualPromptNAFNetv3', 'PaddedRestormer', 'Restormer']
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -236,7 +247,10 @@ def test_pool_similarities_ranking_and_logits_are_float32_under_autocast():
     (dict(fusion_method='add'), "fusion_method must be one of"),
     (dict(domain_prompt_dim=16), 'needs domain_prompt_dim == degradation_prompt_dim'),
     (dict(LayerNorm_type='Batch'), 'LayerNorm_type must be one of'),
-    (dict(degradation_top_k=9), 'top_k must lie in'),
+    (dict(degradation_top_k=9), r'degradation_top_k must lie in \[1, degradation_pool_size=7\], got 9'),
+    (dict(domain_pool_size=0, domain_top_k=0), 'domain_pool_size must be a positive integer'),
+    (dict(value_num_tokens=0), 'value_num_tokens must be a positive integer'),
+    (dict(domain_prompt_dim=20, degradation_prompt_dim=20), 'divisible by its 8 attention heads, got 20'),
     (dict(heads=[1, 3, 4, 8]), 'cannot be split into 3 attention heads'),
     (dict(pad_mode='wrap'), 'pad_mode must be one of'),
     (dict(pad_multiple=12), 'pad_multiple must be a multiple of 8'),
@@ -245,6 +259,73 @@ def test_pool_similarities_ranking_and_logits_are_float32_under_autocast():
 def test_bad_configurations_fail_at_construction(change, message):
     with pytest.raises(ValueError, match=message):
         build_network(dict(TINY, **change))
+
+
+@pytest.mark.parametrize('config', [TINY, TINY_NAF], ids=['restormer', 'nafnet'])
+@pytest.mark.parametrize('change', [dict(prompt_fusion_method='sum'), dict(fusion_method='add'),
+                                    dict(degradation_top_k=9), dict(lean=True, literal=True)])
+def test_a_bad_prompt_configuration_fails_before_any_layer_is_built(config, change, monkeypatch):
+    def built(*args, **kwargs):
+        raise AssertionError('a layer was built before the prompt configuration was checked')
+
+    monkeypatch.setattr(torch.nn.Conv2d, '__init__', built)
+    with pytest.raises(ValueError):
+        build_network(dict(config, **change))
+
+
+def test_prompt_config_is_frozen_and_computes_the_prompt_width():
+    from dataclasses import FrozenInstanceError
+
+    from datprl_arch.archs.prompt import PoolSpec, PromptConfig
+    task, domain = PoolSpec(7, 32, 2), PoolSpec(6, 16, 3)
+    assert PromptConfig(task, None, 2).width == 32
+    assert PromptConfig(task, PoolSpec(6, 32, 3), 2, 'cross_attention').width == 32
+    assert PromptConfig(task, domain, 2, 'concat').width == 48
+    with pytest.raises(FrozenInstanceError):
+        PromptConfig(task, None, 2).fusion = 'concat'
+    for config in (TINY, dict(TINY, prompt_fusion_method='concat', domain_prompt_dim=16)):
+        net = build_network(dict(config)).eval()
+        with torch.no_grad():
+            net(torch.rand(1, 3, 16, 16))
+        width = net.latent_blocks[0].prompt_norm.normalized_shape[0]
+        assert net.prompt_state.prompt.shape[1] == net.prompt_width == width
+
+
+def test_the_task_pool_network_takes_no_domain_arguments_and_equals_the_switch():
+    from datprl_arch.options_schema import Checker
+    task_pool = ARCH_REGISTRY.get('DATPRLRestormerTaskPool')
+    names = set(inspect.signature(task_pool).parameters)
+    assert {'degradation_pool_size', 'fusion_method', 'use_prompt', 'dim', 'pad_multiple'} <= names
+    assert not names & {'domain_pool_size', 'domain_prompt_dim', 'domain_top_k', 'prompt_fusion_method',
+                        'use_domain_pool'}
+    with pytest.raises(TypeError, match="unexpected keyword argument 'domain_pool_size'"):
+        task_pool(domain_pool_size=6)
+    checker = Checker('net.yml')  # the option-file check sees the same arguments as the constructor
+    checker.arguments('network_g', {'type': 'DATPRLRestormerTaskPool', 'domain_pool_size': 6}, task_pool, 'network')
+    checker.arguments('network_g', {'type': 'DATPRLRestormer', 'domain_top_k': 3, 'degradation_topk': 2},
+                      ARCH_REGISTRY.get('DATPRLRestormer'), 'network')
+    assert len(checker.problems) == 2
+    assert 'takes no argument `domain_pool_size`' in checker.problems[0]
+    assert 'takes no argument `degradation_topk` (did you mean `degradation_top_k`?' in checker.problems[1]
+    small = {k: v for k, v in TINY.items() if not k.startswith('domain_') and k != 'type'}
+    torch.manual_seed(0)
+    switched = build_network(dict(small, type='DATPRLRestormer', use_domain_pool=False)).eval()
+    torch.manual_seed(0)
+    only = build_network(dict(small, type='DATPRLRestormerTaskPool')).eval()
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert list(only.state_dict()) == list(switched.state_dict()) and torch.equal(only(x), switched(x))
+
+
+def test_the_nafnet_network_has_the_task_pool_only_switch():
+    net = build_network(dict(TINY_NAF, use_domain_pool=False)).eval()
+    keys = list(net.state_dict())
+    assert not any(k.startswith(('domain_prompt_pool', 'domain_mapper', 'prompt_cross_attention')) for k in keys)
+    assert any(k.startswith('degradation_prompt_pool') for k in keys)
+    with torch.no_grad():
+        out = net(torch.rand(2, 3, 12, 12))
+    assert out.shape == (2, 3, 12, 12)
+    assert net.prompt_width == 32 and net.prompt_state.domain is None and net.prompt_state.task.indices.shape == (2, 2)
 
 
 def test_prompt_system_split_matches_the_spec_breakdown():

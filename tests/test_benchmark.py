@@ -25,24 +25,23 @@ from basicsr.metrics import calculate_psnr, calculate_ssim
 from basicsr.models import build_model
 from basicsr.utils import img2tensor, tensor2img
 from basicsr.utils.registry import MODEL_REGISTRY
-from datprl_arch.data.toy import write_pairs
 from datprl_arch.benchmark import main as benchmark_main
+from datprl_arch.data.lmdb.writer import make_paired_lmdb
 from datprl_arch.evaluation import samples as samples_module
 from datprl_arch.evaluation.aggregate import aggregates, summarize_set, t_quantile_975
 from datprl_arch.evaluation.metrics import EIGHT_BIT, NATIVE, score, upsample_to
 from datprl_arch.evaluation.runner import BenchmarkError, run_benchmark
-from datprl_arch.tools.make_lmdb import make_paired_lmdb
-from datprl_arch.utils.atomic import atomic_write_json
 from datprl_arch.utils import precision
+from datprl_arch.utils.atomic import atomic_write_json
+
+from networks import SMALL_PROMPTS
+from toy import write_pairs
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
 TIMEOUT_S = 120
 BF16_PSNR_TOLERANCE_DB = 0.5  # bf16 autocast vs float32 on the tiny network (a real network: see docs/benchmarks.md)
 # The option file's network; checkpoint 'tuned' is one of these without network options.
-DATPRL_NET = dict(type='DATPRLRestormer', dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1],
-                  refine_blk_num=1, heads=[1, 1, 1, 1], domain_pool_size=4, degradation_pool_size=4,
-                  domain_prompt_dim=16, degradation_prompt_dim=16, domain_top_k=2, degradation_top_k=2,
-                  value_num_tokens=2)
+DATPRL_NET = SMALL_PROMPTS
 # Checkpoint 'plain' is this other network and carries its options.
 RESTORMER_NET = dict(type='PaddedRestormer', dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1,
                      heads=[1, 1, 1, 1])

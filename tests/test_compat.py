@@ -18,14 +18,15 @@ import basicsr
 import basicsr.data
 import basicsr.test
 import basicsr.train
+from datprl_arch import _compat, options
 from basicsr.data import build_dataset
 from basicsr.models.lr_scheduler import MultiStepRestartLR
 from basicsr.utils import options as basicsr_options
 from basicsr.utils.file_client import FileClient, LmdbBackend
 from basicsr.utils.lmdb_util import make_lmdb_from_imgs
-from conftest import write_png_pairs
-from datprl_arch import _compat, options
 from datprl_arch.utils.checkpoint import CheckpointError
+
+from conftest import write_png_pairs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LMDB_MAP_SIZE = 1 << 24
@@ -323,9 +324,11 @@ def test_p12_torchrun_runs_read_dist_params_backend_from_the_option_file(clean_d
 @pytest.mark.skipif(torch.cuda.is_available(), reason='basicsr gives DDP the current CUDA device, which exists here')
 def test_p12_cpu_network_is_wrapped_in_ddp_without_device_ids(tmp_path):
     from types import SimpleNamespace
-    from basicsr.models.base_model import BaseModel
+
     from torch import distributed as dist
     from torch.nn.parallel import DistributedDataParallel
+
+    from basicsr.models.base_model import BaseModel
 
     model = SimpleNamespace(opt={'dist': True, 'num_gpu': 0, 'find_unused_parameters': True},
                             device=torch.device('cpu'))
@@ -427,6 +430,7 @@ def test_patches_skip_other_basicsr_versions(monkeypatch):
     assert basicsr.train.load_resume_state == 'untouched'
 
 
+@pytest.mark.slow
 def test_p11_import_creates_no_logger():
     code = ('import logging, json, datprl_arch\n'
             'from basicsr.utils.logger import initialized_logger\n'
@@ -464,8 +468,8 @@ def test_install_recipe_pins_basicsr_without_tb_nightly_and_declares_setuptools(
 def test_resumed_epoch_continues_where_the_saved_run_stopped():
     import logging
 
-    from basicsr.data.data_sampler import EnlargedSampler
     from datprl_arch import _compat
+    from basicsr.data.data_sampler import EnlargedSampler
 
     class Items:
         def __len__(self):

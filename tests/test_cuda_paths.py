@@ -11,14 +11,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from datprl_arch import bench
 from basicsr.archs import build_network
 from basicsr.models import build_model
-from datprl_arch import bench
 from datprl_arch.archs.prompt.pool import PromptPool
-from datprl_arch.losses import (DATPRLBalanceLoss, DATPRLDiversityLoss, DATPRLDomainAlignmentLoss, DATPRLSupConLoss,
-                                PromptUsageTracker)
+from datprl_arch.losses import DATPRLBalanceLoss, DATPRLDiversityLoss, DATPRLDomainAlignmentLoss, DATPRLSupConLoss
 from datprl_arch.models.datprl_model import DATPRLModel
+from datprl_arch.models.prompt_usage import PromptUsageTracker
 from datprl_arch.utils import precision
+
 from test_training import NETWORK, _batch, _model_opt, data  # noqa: F401  (data: the module's fixture)
 
 AMP_MODES = {'fp32': None, 'bf16': torch.bfloat16}

@@ -14,7 +14,8 @@ from basicsr.utils.registry import DATASET_REGISTRY
 from datprl_arch.data import image_io
 from datprl_arch.data.multidomain_dataset import DATPRLMultiDomainDataset, crop_upsampled, upsample
 from datprl_arch.data.sources import DataSourceError
-from datprl_arch.data.toy import write_pairs
+
+from toy import write_pairs
 
 
 def source(name, dirs, domain='natural', task=None, **extra):

@@ -7,9 +7,11 @@ import pytest
 
 import datprl_arch  # noqa: F401
 from basicsr.data import build_dataset
-from datprl_arch.data.sources import MAX_LISTED, DataSourceError
-from datprl_arch.data.toy import write_pairs
-from datprl_arch.tools.make_lmdb import make_paired_lmdb
+from datprl_arch.data.lmdb.writer import make_paired_lmdb
+from datprl_arch.data.sources import DataSourceError
+from datprl_arch.utils.problems import MAX_LISTED
+
+from toy import write_pairs
 
 
 def build(tmp_path, phase='val', gt_size=None, **src_extra):
@@ -61,7 +63,8 @@ def test_sizes_that_contradict_the_declared_scale(tmp_path):
     with pytest.raises(DataSourceError) as err:
         build(tmp_path, dirs=dirs)
     msg = str(err.value)
-    assert f'LQ {dirs[1]}/img000.png 8x12 vs GT {dirs[0]}/img000.png 32x48: sizes do not match the declared scale 1' in msg
+    pair = f'LQ {dirs[1]}/img000.png 8x12 vs GT {dirs[0]}/img000.png 32x48'
+    assert f'{pair}: sizes do not match the declared scale 1' in msg
     assert 'declare scale: 4 and upsample_lq: true' in msg
     with pytest.raises(DataSourceError, match='do not match the declared scale 2'):
         build(tmp_path, dirs=dirs, scale=2, upsample_lq=True)

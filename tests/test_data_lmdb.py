@@ -11,11 +11,13 @@ import torch
 
 import datprl_arch  # noqa: F401
 from basicsr.data import build_dataset
-from datprl_arch.data.sources import read_lmdb_meta
-from datprl_arch.data.toy import write_pairs
-from datprl_arch.tools import make_lmdb
 from basicsr.utils.file_client import FileClient, LmdbBackend
-from datprl_arch.tools.make_lmdb import LmdbWriteError, folder_items, make_paired_lmdb, verify_lmdb, write_lmdb
+from datprl_arch.data.lmdb import writer
+from datprl_arch.data.lmdb.meta import read_lmdb_meta
+from datprl_arch.data.lmdb.writer import LmdbWriteError, folder_items, make_paired_lmdb, verify_lmdb, write_lmdb
+from datprl_arch.tools import make_lmdb
+
+from toy import write_pairs
 
 #: lmdb>=2 refuses a second open of one environment per process; datprl_arch._compat installs a shared backend.
 needs_shared_lmdb = pytest.mark.skipif(FileClient._backends['lmdb'] is LmdbBackend and int(lmdb.__version__[0]) >= 2,
@@ -87,6 +89,7 @@ def test_keys_with_dots_or_spaces_are_rejected_before_writing(tmp_path):
     with pytest.raises(LmdbWriteError) as err:
         write_lmdb(folder_items(str(folder)), out)
     msg = str(err.value)
+    assert msg.startswith(f'LMDB {out}: 2 problem(s) (nothing was written):') and 'Dataset' not in msg
     assert "key '0001_0.8_0.2' contains '.'" in msg and "'0001_0_8_0_2'" in msg
     assert "key 'a b' must be printable ASCII without whitespace" in msg
     assert os.listdir(tmp_path) == ['imgs']
@@ -111,7 +114,7 @@ def test_interrupted_write_leaves_nothing_that_looks_complete(tmp_path, monkeypa
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(make_lmdb.cv2, 'imencode', failing)
+    monkeypatch.setattr(writer.cv2, 'imencode', failing)
     with pytest.raises(KeyboardInterrupt):
         write_lmdb(folder_items(dirs[0]), str(tmp_path / 'gt.lmdb'))
     assert sorted(os.listdir(tmp_path)) == ['src']
@@ -141,6 +144,7 @@ def test_unpaired_folders_are_refused(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['src']
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path, capsys):
     gt, lq = write_pairs(str(tmp_path / 'src'), 2, (16, 16), lq_tmpl='{}_x1')
     cmd = [sys.executable, '-m', 'datprl_arch.tools.make_lmdb', '--gt', gt, '--lq', lq, '--gt-lmdb',
@@ -173,7 +177,7 @@ def test_test_sets_sharing_one_gt_lmdb_and_validation_on_the_training_lmdb(tmp_p
 
 
 def test_a_paired_write_that_cannot_finish_writes_neither_database(tmp_path):
-    from datprl_arch.tools.make_lmdb import LmdbWriteError, make_paired_lmdb
+    from datprl_arch.data.lmdb.writer import LmdbWriteError, make_paired_lmdb
     gt, lq = write_pairs(str(tmp_path / 'pairs'), count=2, size=(16, 16))
     (tmp_path / 'lq.lmdb').mkdir()  # the LQ target exists already
     with pytest.raises(LmdbWriteError, match='lq.lmdb already exists'):

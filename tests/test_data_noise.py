@@ -6,7 +6,8 @@ import pytest
 import datprl_arch  # noqa: F401
 from datprl_arch.data.multidomain_dataset import DATPRLMultiDomainDataset, add_noise
 from datprl_arch.data.sources import DataSourceError
-from datprl_arch.data.toy import write_pairs
+
+from toy import write_pairs
 
 SIGMA = 25
 

@@ -8,7 +8,8 @@ import datprl_arch  # noqa: F401
 from basicsr.data import build_dataloader, build_dataset
 from basicsr.data.data_sampler import EnlargedSampler
 from datprl_arch.data.sampling import BalancedSchedule, allocate
-from datprl_arch.data.toy import write_pairs
+
+from toy import write_pairs
 
 SIZES = [7, 3, 11, 5]
 

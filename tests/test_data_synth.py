@@ -5,14 +5,15 @@ import random
 import numpy as np
 import pytest
 import torch
-from basicsr.losses.basic_loss import L1Loss
 
 import datprl_arch  # noqa: F401
+from basicsr.losses.basic_loss import L1Loss
 from datprl_arch.data import degradations as deg
 from datprl_arch.data.multidomain_dataset import DATPRLMultiDomainDataset, photometric_jitter, synth_crop
 from datprl_arch.data.sources import DataSourceError
-from datprl_arch.data.toy import write_pairs
 from datprl_arch.losses.pixel_weighting import error_weights
+
+from toy import write_pairs
 
 KINDS = {'sr': {'kernel': ['bicubic', 'area']}, 'rain': {'length': [8, 30]}, 'motion_blur': {'size': [7, 15]},
          'kspace_sr': {'window': ['box', 'hamming']}, 'ct_low_dose': {'photons': [2e3, 4e3]}, 'low_count': {},

@@ -14,9 +14,10 @@ import torch
 import yaml
 from torch import distributed as dist
 
-from datprl_arch.data.toy import write_pairs
 from datprl_arch.train import drop_local_rank_flag
+
 from test_runners import NETWORK_G
+from toy import write_pairs
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason='this torch build has no gloo backend')
@@ -114,6 +115,7 @@ def check_ranks(records, weights, iters, exp):
     assert records[1]['validations'] == 0 and records[1]['saved'] == []
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_under_torchrun_train_identically_validate_once_and_resume(tmp_path):
     opt_file = str(tmp_path / 'train.yml')
     with open(opt_file, 'w') as f:
@@ -172,6 +174,7 @@ def fake_scontrol(folder) -> str:
     return str(folder)
 
 
+@pytest.mark.slow
 def test_two_slurm_tasks_join_one_gloo_group_with_basicsr_dist_params(tmp_path):
     port = free_port()
     opt_file = tmp_path / 'slurm.yml'

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from datprl_arch.losses.description_embeddings import (EMBEDDINGS_FORMAT, DescriptionEmbeddings,
-                                                       load_description_embeddings)
-from datprl_arch.tools.encode_descriptions import (HASH_DIM, HASH_ENCODER, DescriptionError, clip_encoder,
-                                                   encode_files, hash_encoder, main, read_descriptions,
-                                                   sentence_transformers_encoder)
+from datprl_arch.priors.descriptions import DescriptionError, read_descriptions
+from datprl_arch.priors.embeddings import EMBEDDINGS_FORMAT, DescriptionEmbeddings, load_description_embeddings
+from datprl_arch.priors.encoders import (HASH_DIM, HASH_ENCODER, clip_encoder, encode_files, hash_encoder,
+                                         sentence_transformers_encoder)
+from datprl_arch.tools.encode_descriptions import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAIN = {'__generator__': 'test', '0001.png': 'A rainy street with parked cars at night.',
@@ -41,6 +41,7 @@ def start_cli(*args, hash_seed):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_cli_hash_encoder_writes_a_file_the_loader_reads_deterministically(described, tmp_path):
     rain, mri = described
     outputs = [tmp_path / 'priors0.pt', tmp_path / 'priors1.pt']

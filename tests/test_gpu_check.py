@@ -35,6 +35,7 @@ def test_the_script_parses_and_stops_without_cuda_before_writing_anything():
     assert (set(os.listdir(results)) if os.path.isdir(results) else set()) == before
 
 
+@pytest.mark.slow
 def test_the_dry_run_prints_every_step_and_checks_the_commands_parse():
     done = _script('--dry-run')
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

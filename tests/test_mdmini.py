@@ -10,12 +10,12 @@ import torch
 import yaml
 
 import datprl_arch  # noqa: F401
+from datprl_arch import mdmini
 from basicsr.data import build_dataloader, build_dataset
 from basicsr.data.data_sampler import EnlargedSampler
-from datprl_arch import mdmini
-from datprl_arch.data.sources import read_lmdb_meta
-from datprl_arch.mdmini.build import DEFAULT_LIMIT, remove_stale_builds
+from datprl_arch.data.lmdb.meta import read_lmdb_meta
 from datprl_arch.mdmini import split as mdmini_split
+from datprl_arch.mdmini.build import DEFAULT_LIMIT, remove_stale_builds
 from datprl_arch.mdmini.split import HELD_OUT_IMAGES
 
 EVERY = mdmini.TASKS + mdmini.CLEAN_TASKS

@@ -13,6 +13,7 @@ from datprl_arch.models.analysis import PromptAnalysis, normalized_mutual_inform
 from datprl_arch.models.optim import (OPTIMIZERS, CosineAnnealingRestartCyclicLR, build_optimizer, build_scheduler,
                                       parameter_groups, resolve_parts)
 from datprl_arch.models.reporting import ValidationReport
+
 from networks import TINY
 
 
@@ -23,10 +24,22 @@ def net():
 
 
 @pytest.mark.parametrize('name', sorted(OPTIMIZERS))
-def test_every_optimizer_builds_and_steps(net, name):
+def test_every_optimizer_builds_and_steps(name):
+    torch.manual_seed(0)
+    net = build_network(dict(TINY))  # its own network: the step changes the weights the module's fixture shares
     groups = parameter_groups(net, 1e-3, None)
     optimizer = build_optimizer({'type': name, 'lr': 1e-3}, groups)
     assert type(optimizer).__name__ == name
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 16, 16)
+    (net.train()(x) - x).abs().mean().backward()
+    optimizer.step()
+    trained = {n for n, p in net.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    moved = {n for n, p in net.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert len(trained) > len(before) // 2  # the step had gradients for most of the network
+    assert moved <= trained  # nothing without a gradient moved
+    assert len(moved) >= 0.9 * len(trained)  # (a tiny gradient on a gate can move it by less than its float32 step)
 
 
 def test_unknown_optimizer_and_scheduler_list_the_choices(net):

@@ -25,20 +25,23 @@ import basicsr.train
 from basicsr.archs import build_network
 from basicsr.data import build_dataset
 from basicsr.models import build_model
-from datprl_arch.data.toy import random_image
+from datprl_arch.data.lmdb.writer import write_lmdb
 from datprl_arch.options import load_option_file
-from datprl_arch.tools.encode_descriptions import default_source, encode_files, hash_encoder
-from datprl_arch.tools.make_lmdb import write_lmdb
+from datprl_arch.priors.encoders import encode_files, hash_encoder
+from datprl_arch.tools.encode_descriptions import default_source
+
+from networks import TINY_BACKBONE
+from toy import random_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, 'tests', 'data')
-OPTION_FILES = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'options', '**', '*.yml'),
-                                                                   recursive=True))
+OPTION_FILES = sorted(os.path.relpath(p, ROOT)
+                      for p in glob.glob(os.path.join(ROOT, 'options', '**', '*.yml'), recursive=True))
 STANDIN_IMAGES = 2  # image pairs per stand-in folder
 MIN_SIDE = 32  # GT side of stand-ins when no training crop asks for more
 GRAYSCALE_16BIT_DOMAINS = ('medical',)  # stand-ins of these domains are 16-bit grayscale, others 8-bit colour
 SMALL_NETWORK = 5_000_000  # parameters; larger networks are shrunk for the model build
-SHRUNK = dict(dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1], refine_blk_num=1)
+SHRUNK = TINY_BACKBONE
 STEP_CROP = 32  # the training step runs on this corner of the batch's crops
 TEXT_EMBEDDING_DIM = 1024  # CLIP RN50's text width, as the real priors files have
 EXPONENT_FLOAT = re.compile(r'^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$')

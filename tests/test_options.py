@@ -11,8 +11,8 @@ import yaml
 
 import basicsr.test
 import basicsr.train
-from basicsr.utils import options as basicsr_options
 from datprl_arch import options, train
+from basicsr.utils import options as basicsr_options
 from datprl_arch.options import OptionFileError
 
 BENIGN = """\

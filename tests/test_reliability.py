@@ -21,21 +21,23 @@ import torch
 import yaml
 
 import datprl_arch  # noqa: F401
+from datprl_arch import _compat, train
 from basicsr.data import build_dataset
 from basicsr.models import build_model
 from basicsr.utils import get_root_logger
-from datprl_arch import _compat, train
 from datprl_arch.archs.restormer_arch import PaddedRestormer
-from datprl_arch.data.lmdb_env import read_build_record
+from datprl_arch.data.lmdb import install, writer
+from datprl_arch.data.lmdb.meta import read_build_record
+from datprl_arch.data.lmdb.writer import LmdbWriteError, make_paired_lmdb
 from datprl_arch.data.multidomain_dataset import label_warnings
 from datprl_arch.data.sources import DataSourceError
-from datprl_arch.data.toy import write_pairs
 from datprl_arch.options import OptionFileError, load_option_file
 from datprl_arch.options_schema import validate
-from datprl_arch.tools import make_lmdb
-from datprl_arch.tools.make_lmdb import LmdbWriteError, make_paired_lmdb
 from datprl_arch.utils import resume
 from datprl_arch.utils.checkpoint import CheckpointError, load_checkpoint
+
+from networks import SMALL_PROMPTS
+from toy import write_pairs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_FILE = os.path.join(ROOT, 'options', 'demo', 'md_mini_train.yml')
@@ -117,12 +119,12 @@ def test_make_lmdb_killed_after_both_renames_reads_the_new_pair(tmp_path, monkey
     make_paired_lmdb(*write_pairs(str(tmp_path / 'old'), 2, (16, 16), seed=0), gt_db, lq_db)
     pid = dead_pid()
     monkeypatch.setattr(os, 'getpid', lambda: pid)
-    monkeypatch.setattr(make_lmdb, 'remove', lambda path: None)  # killed before the old copies are removed
+    monkeypatch.setattr(install, 'remove', lambda path: None)  # killed before the old copies are removed
     make_paired_lmdb(*write_pairs(str(tmp_path / 'new'), 2, (16, 16), seed=1), gt_db, lq_db, overwrite=True)
     monkeypatch.undo()
     assert f'gt.lmdb.old-{pid}' in os.listdir(tmp_path) and f'lq.lmdb.old-{pid}' in os.listdir(tmp_path)
     assert len(lmdb_set(gt_db, lq_db)) == 2  # the build records confirm the new pair
-    assert make_lmdb.recover_interrupted_installs([gt_db]) == [
+    assert install.recover_interrupted_installs([gt_db]) == [
         f'An install of {gt_db} + {lq_db} interrupted in process {pid} was already complete (the new databases were '
         'in place; the old copies are removed).']
     assert sorted(os.listdir(tmp_path)) == ['gt.lmdb', 'lq.lmdb', 'new', 'old']
@@ -134,7 +136,7 @@ def test_make_lmdb_killed_before_both_are_built_keeps_the_old_pair(tmp_path, mon
     make_paired_lmdb(*old_dirs, gt_db, lq_db)
     records = read_build_record(gt_db), read_build_record(lq_db)
     assert records[1]['partner_content'] == records[0]['content'] and records[0]['partner'] == 'lq.lmdb'
-    pid, real_read_back = dead_pid(), make_lmdb._read_back
+    pid, real_read_back = dead_pid(), writer._read_back
     (tmp_path / 'gt.lmdb.partial-1').mkdir()  # a live process's build (pid 1 always runs): never touched
 
     def killed_in_the_lq_build(tmp, digests):
@@ -143,13 +145,13 @@ def test_make_lmdb_killed_before_both_are_built_keeps_the_old_pair(tmp_path, mon
         return real_read_back(tmp, digests)
 
     monkeypatch.setattr(os, 'getpid', lambda: pid)
-    monkeypatch.setattr(make_lmdb, '_read_back', killed_in_the_lq_build)
+    monkeypatch.setattr(writer, '_read_back', killed_in_the_lq_build)
     monkeypatch.setattr(shutil, 'rmtree', lambda *a, **k: None)  # a kill cleans nothing up
     with pytest.raises(KeyboardInterrupt):
         make_paired_lmdb(*write_pairs(str(tmp_path / 'new'), 2, (16, 16), seed=1), gt_db, lq_db, overwrite=True)
     monkeypatch.undo()
     assert f'gt.lmdb.partial-{pid}' in os.listdir(tmp_path)
-    assert make_lmdb.recover_interrupted_installs([gt_db, lq_db]) == [
+    assert install.recover_interrupted_installs([gt_db, lq_db]) == [
         f'An install of {gt_db} + {lq_db} interrupted in process {pid} was undone (the previous databases are kept).']
     assert sorted(os.listdir(tmp_path)) == ['gt.lmdb', 'gt.lmdb.partial-1', 'lq.lmdb', 'new', 'old']
     assert (read_build_record(gt_db), read_build_record(lq_db)) == records
@@ -468,15 +470,15 @@ def test_a_key_set_twice_is_an_error(tmp_path):
 
 CHECKPOINT_OF_ANOTHER_NETWORK = dict(
     name='other_net', model_type='DATPRLModel', scale=1, num_gpu=0, manual_seed=0,
-    network_g=dict(type='DATPRLRestormer', dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1],
-                   refine_blk_num=1, heads=[1, 1, 1, 1], domain_pool_size=2, degradation_pool_size=2,
-                   domain_prompt_dim=8, degradation_prompt_dim=8, domain_top_k=1, degradation_top_k=1),
+    network_g=dict(SMALL_PROMPTS, domain_pool_size=2, degradation_pool_size=2, domain_prompt_dim=8,
+                   degradation_prompt_dim=8, domain_top_k=1, degradation_top_k=1),
     path={'strict_load_g': True, 'resume_state': None},
     train=dict(optim_g={'type': 'Adam', 'lr': 1e-3}, scheduler={'type': 'MultiStepLR', 'milestones': [10]},
                total_iter=2, pixel_opt={'type': 'L1Loss', 'loss_weight': 1.0}),
     logger={'print_freq': 1, 'save_checkpoint_freq': 2, 'use_tb_logger': False})
 
 
+@pytest.mark.slow
 def test_runner_prints_a_data_or_checkpoint_error_as_one_message(tmp_path):
     gt, lq = write_pairs(str(tmp_path / 'data'), 2, (32, 32))
     net = PaddedRestormer(**{k: v for k, v in TINY_NET.items() if k != 'type'})

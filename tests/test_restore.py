@@ -20,6 +20,7 @@ from datprl_arch.inference.restore import Restorer
 from datprl_arch.inference.tiling import SEAM_MARGIN_FRACTION, blend_weights, plan_tiles, tiled_apply
 from datprl_arch.restore import main
 from datprl_arch.utils import precision
+
 from networks import TINY, TINY_NAF
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,13 +13,12 @@ import torch
 import yaml
 
 from basicsr.metrics import calculate_psnr
+
 from conftest import write_png_pairs
+from networks import SMALL_PROMPTS
 
 # The network every end-to-end run trains: the project's DATPRL-Restormer, as small as it goes.
-NETWORK_G = dict(type='DATPRLRestormer', dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1],
-                 refine_blk_num=1, heads=[1, 1, 1, 1], domain_pool_size=4, degradation_pool_size=4,
-                 domain_prompt_dim=16, degradation_prompt_dim=16, domain_top_k=2, degradation_top_k=2,
-                 value_num_tokens=2)
+NETWORK_G = SMALL_PROMPTS
 SUBPROCESS_TIMEOUT_S = 300
 
 
@@ -74,6 +73,7 @@ def layout(tmp_path):
     return dict(gt=gt, lq=lq, opts=tmp_path / 'opts', root=tmp_path / 'root', elsewhere=tmp_path / 'elsewhere')
 
 
+@pytest.mark.slow
 def test_train_auto_resume_from_another_directory_then_test(layout):
     root, elsewhere = layout['root'], layout['elsewhere']
     train_yml = write_yaml(layout['opts'] / 'train.yml', train_options(layout['gt'], layout['lq']))

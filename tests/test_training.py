@@ -17,16 +17,15 @@ import yaml
 
 import datprl_arch  # noqa: F401
 from basicsr.models import build_model
-from datprl_arch.data.toy import write_pairs
 from datprl_arch.options import OptionFileError
-from datprl_arch.tools.encode_descriptions import encode_files, hash_encoder
-from datprl_arch.utils.precision import cpu_bf16_flags
+from datprl_arch.priors.encoders import encode_files, hash_encoder
 from datprl_arch.utils.atomic import atomic_torch_save
+from datprl_arch.utils.precision import cpu_bf16_flags
 
-NETWORK = dict(type='DATPRLRestormer', dim=8, enc_blk_nums=[1, 1, 1], middle_blk_num=1, dec_blk_nums=[1, 1, 1],
-               refine_blk_num=1, heads=[1, 2, 4, 8], domain_pool_size=4, degradation_pool_size=5,
-               domain_prompt_dim=16, degradation_prompt_dim=16, domain_top_k=2, degradation_top_k=2,
-               value_num_tokens=2)
+from networks import SMALL_PROMPTS
+from toy import write_pairs
+
+NETWORK = dict(SMALL_PROMPTS, heads=[1, 2, 4, 8], degradation_pool_size=5)  # pools of different sizes
 SOURCES = [('rain', 'natural', 'derain', 8), ('blur', 'natural', 'deblur', 8), ('ct', 'medical', 'ct_denoise', 16)]
 ALL_TERMS = ('l_pix', 'l_fft', 'l_div', 'l_bal', 'l_con', 'l_con_dom', 'l_align')
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
@@ -137,6 +136,7 @@ def _model_opt(root, tmp_path, **train):
     return opt
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_the_saved_state_and_finishes(tmp_path, data):
     killed = EVERY_LOSS | {'use_amp': False, 'text_embeddings': str(data / 'texts.pt')}
     opt = options(data, 'killed', total_iter=100000, **killed)
@@ -153,10 +153,11 @@ def test_killed_run_resumes_with_the_saved_state_and_finishes(tmp_path, data):
 
     saved_iter = max(int(p.stem) for p in states.glob('*.state'))
     saved = torch.load(states / f'{saved_iter}.state', weights_only=True)
-    weights = torch.load(tmp_path / 'experiments' / 'killed' / 'models' / f'net_g_{saved_iter}.pth', weights_only=True)
+    weights_file = tmp_path / 'experiments' / 'killed' / 'models' / f'net_g_{saved_iter}.pth'
+    weights = torch.load(weights_file, weights_only=True)
     # what BasicSR's train_pipeline does on resume, in-process, compared tensor by tensor with the files
     resumed_opt = _model_opt(data, tmp_path, **killed)
-    resumed_opt['path'].update(pretrain_network_g=str(tmp_path / 'experiments/killed/models' / f'net_g_{saved_iter}.pth'))
+    resumed_opt['path'].update(pretrain_network_g=str(weights_file))
     model = build_model(resumed_opt)
     model.resume_training(saved)
     for name, tensor in model.net_g.state_dict().items():
@@ -202,7 +203,8 @@ def _batch(model_opt, nan=False):
         lq[0, 0, 0, 0] = float('nan')
     return {'lq': lq, 'gt': torch.rand(6, 3, 16, 16), 'source': torch.tensor([0, 0, 1, 1, 2, 2]),
             'domain': torch.tensor([0, 0, 0, 0, 1, 1]), 'task': torch.tensor([0, 0, 1, 1, 2, 2]),
-            'gt_path': [f'/x/img00{i % 4}.png' for i in range(6)], 'source_name': ['rain'] * 2 + ['blur'] * 2 + ['ct'] * 2}
+            'gt_path': [f'/x/img00{i % 4}.png' for i in range(6)],
+            'source_name': ['rain'] * 2 + ['blur'] * 2 + ['ct'] * 2}
 
 
 def test_nonfinite_losses_skip_steps_then_stop(tmp_path, data, caplog):

@@ -12,10 +12,12 @@ from basicsr.utils.registry import ARCH_REGISTRY
 
 from ..utils.registry import register
 from .padding import check_pad_mode, check_pad_multiple, pad_to_multiple
-from .prompt import PoolSpec, PromptedBlock, PromptSystem
-from .prompt.compose import composed_dim
+from .prompt import PROMPT_ARGUMENTS, BlockStack, PromptConfig, PromptedBlock, PromptSystem
 
 NAF_NORM_EPS = 1e-6
+#: The official DualPromptNAFNetv3 defaults of the prompt arguments (the pools differ from the Restormer network's).
+NAF_PROMPT_ARGUMENTS = dict(PROMPT_ARGUMENTS, domain_pool_size=6, degradation_pool_size=12, domain_top_k=3,
+                            value_num_tokens=5)
 
 
 class NAFLayerNorm(nn.Module):
@@ -43,11 +45,10 @@ def simple_gate(x: torch.Tensor) -> torch.Tensor:
 
 
 class NAFBlock(PromptedBlock):
-    """NAFNet block; with ``prompt_dim`` set, the prompt is fused into the normalised input of the first branch."""
+    """NAFNet block; with a prompt configuration, the prompt is fused into the normalised input of the first branch."""
 
     def __init__(self, c: int, dw_expand: int = 2, ffn_expand: int = 2, drop_out_rate: float = 0.0,
-                 prompt_dim: Optional[int] = None, fusion_method: str = 'cross_attention',
-                 lean: bool = False, literal: bool = False):
+                 literal: bool = False, prompt: Optional[PromptConfig] = None):
         super().__init__()
         dw, ffn = c * dw_expand, c * ffn_expand
         self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
@@ -62,7 +63,7 @@ class NAFBlock(PromptedBlock):
         self.norm2 = NAFLayerNorm(c, literal)
         self.dropout1 = nn.Dropout(drop_out_rate) if drop_out_rate > 0 else nn.Identity()
         self.dropout2 = nn.Dropout(drop_out_rate) if drop_out_rate > 0 else nn.Identity()
-        self.build_fusion(c, prompt_dim, fusion_method, lean, literal)
+        self.build_fusion(c, prompt)
 
     def forward(self, inp: torch.Tensor, prompt: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = simple_gate(self.conv2(self.conv1(self.fuse(self.norm1(inp), prompt))))
@@ -76,46 +77,41 @@ class DATPRLNAFNet(PromptSystem):
     """DATPRL with a NAFNet backbone: plain NAF encoder, prompted middle and decoder blocks, additive skips.
 
     Args (official names; ``degradation`` = task): img_channel, width, middle_blk_num, enc_blk_nums, dec_blk_nums
-    as in NAFNet; pool and fusion arguments, ``lean``, ``literal``, ``pad_mode`` and ``pad_multiple`` (default
-    ``2**len(enc_blk_nums)``) as in ``DATPRLRestormer``.
+    as in NAFNet; ``lean``, ``literal``, ``pad_mode`` and ``pad_multiple`` (default ``2**len(enc_blk_nums)``) and the
+    prompt arguments (``**prompt``, with the official NAFNet defaults of :data:`NAF_PROMPT_ARGUMENTS`; among them
+    ``use_domain_pool: false`` for the task pool only) as in ``DATPRLRestormer``.
     """
+
+    prompt_arguments = NAF_PROMPT_ARGUMENTS
 
     def __init__(self, img_channel: int = 3, width: int = 32, middle_blk_num: int = 12,
                  enc_blk_nums: Sequence[int] = (2, 2, 4, 8), dec_blk_nums: Sequence[int] = (2, 2, 2, 2),
-                 use_prompt: bool = True, domain_pool_size: int = 6, degradation_pool_size: int = 12,
-                 domain_prompt_dim: int = 1024, degradation_prompt_dim: int = 1024, domain_top_k: int = 3,
-                 degradation_top_k: int = 3, value_num_tokens: int = 5,
-                 prompt_fusion_method: str = 'cross_attention', fusion_method: str = 'cross_attention',
                  lean: bool = False, literal: bool = False, pad_mode: str = 'constant',
-                 pad_multiple: Optional[int] = None):
+                 pad_multiple: Optional[int] = None, **prompt):
         super().__init__()
+        config = self.configure_prompt(prompt, lean, literal)  # validated before any layer is built
         if len(enc_blk_nums) != len(dec_blk_nums):
             raise ValueError(f'enc_blk_nums {list(enc_blk_nums)} and dec_blk_nums {list(dec_blk_nums)} '
                              'must have one entry per level')
-        self.use_prompt, self.pad_mode = use_prompt, check_pad_mode(pad_mode)
+        self.pad_mode = check_pad_mode(pad_mode)
         self.pad_multiple = check_pad_multiple(pad_multiple or 2**len(enc_blk_nums), 2**len(enc_blk_nums))
-        task = PoolSpec(degradation_pool_size, degradation_prompt_dim, degradation_top_k)
-        domain = PoolSpec(domain_pool_size, domain_prompt_dim, domain_top_k)
-        prompt_dim = composed_dim(domain.dim, task.dim, prompt_fusion_method) if use_prompt else None
-        prompted = dict(prompt_dim=prompt_dim, fusion_method=fusion_method, lean=lean, literal=literal)
 
         self.intro = nn.Conv2d(img_channel, width, 3, padding=1)
         self.ending = nn.Conv2d(width, img_channel, 3, padding=1)
-        self.encoders, self.decoders, self.middle_blks = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        self.ups, self.downs = nn.ModuleList(), nn.ModuleList()
+        self.encoders, self.decoders, self.middle_blks = nn.ModuleList(), nn.ModuleList(), BlockStack()
+        self.ups, self.downs = nn.ModuleList(), nn.ModuleList()  # registered in this order: the official key order
         chan = width
         for num in enc_blk_nums:
             self.encoders.append(nn.Sequential(*[NAFBlock(chan, literal=literal) for _ in range(num)]))
             self.downs.append(nn.Conv2d(chan, 2 * chan, 2, stride=2))
             chan *= 2
-        self.middle_blks.extend(NAFBlock(chan, **prompted) for _ in range(middle_blk_num))
+        self.middle_blks.extend(NAFBlock(chan, literal=literal, prompt=config) for _ in range(middle_blk_num))
         for num in dec_blk_nums:
             self.ups.append(nn.Sequential(nn.Conv2d(chan, chan * 2, 1, bias=False), nn.PixelShuffle(2)))
             chan //= 2
-            self.decoders.append(nn.ModuleList(NAFBlock(chan, **prompted) for _ in range(num)))
-        if use_prompt:
-            self.build_prompt_system(width, width * 2**len(enc_blk_nums), task, domain, value_num_tokens,
-                                     prompt_fusion_method, lean, literal)
+            self.decoders.append(BlockStack(NAFBlock(chan, literal=literal, prompt=config) for _ in range(num)))
+        if config is not None:
+            self.build_prompt_system(width, width * 2**len(enc_blk_nums), config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[B, C, H, W]`` -> restored ``[B, C, H, W]`` for any H, W."""
@@ -127,11 +123,8 @@ class DATPRLNAFNet(PromptSystem):
             y = encoder(y)
             skips.append(y)
             y = down(y)
-        prompt = self.compose_prompt(stem, y) if self.use_prompt else None
-        for block in self.middle_blks:
-            y = block(y, prompt)
+        prompt = self.block_prompt(stem, y)
+        y = self.middle_blks(y, prompt)
         for decoder, up, skip in zip(self.decoders, self.ups, reversed(skips)):
-            y = up(y) + skip
-            for block in decoder:
-                y = block(y, prompt)
+            y = decoder(up(y) + skip, prompt)
         return (self.ending(y) + padded)[..., :h, :w]

@@ -1,4 +1,5 @@
-"""Restormer building blocks and the plain (zero-padded) Restormer.
+"""Restormer building blocks, the Restormer U-Net shared by the plain and the prompted network, and the plain
+(zero-padded) Restormer.
 
 Blocks keep the official parameter names (``norm1.body.weight``, ``attn.qkv`` ...) so Restormer and DATPRL
 checkpoints load unchanged. The layer norm works on the channel axis directly instead of reshaping the map to
@@ -16,7 +17,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 
 from ..utils.registry import register
 from .padding import pad_to_multiple
-from .prompt import PromptedBlock
+from .prompt import BlockStack, PromptConfig, PromptedBlock
 
 NORM_EPS = 1e-5
 LAYER_NORM_TYPES = ('WithBias', 'BiasFree')
@@ -56,7 +57,8 @@ class ChannelLayerNorm(nn.Module):
         # torch.compile needs dynamic=False here: with dynamic shapes (a second input size after padding to
         # RESTORMER_PAD), Inductor's stride-order test on this permute back fails ("cannot determine truth value of
         # Relational: 8*s0*s53 < 8", CPU Inductor, torch 2.14.1); bench and DATPRLModel compile static shapes.
-        return F.layer_norm(channels_last, (x.shape[1],), self.body.weight, self.body.bias, NORM_EPS).permute(0, 3, 1, 2)
+        normed = F.layer_norm(channels_last, (x.shape[1],), self.body.weight, self.body.bias, NORM_EPS)
+        return normed.permute(0, 3, 1, 2)
 
     def _literal(self, x):
         """Official computation: tokens ``[B, HW, C]``, hand-written mean/variance, back to a map."""
@@ -110,19 +112,18 @@ class GatedFeedForward(nn.Module):
 class TransformerBlock(PromptedBlock):
     """Restormer block ``x + attn(norm1(fuse(x, c)))`` then ``x + ffn(norm2(x))``.
 
-    With ``prompt_dim`` set the block takes a prompt through gated fusion (the prompt reaches only the attention
+    With a prompt configuration the block takes a prompt through gated fusion (the prompt reaches only the attention
     input, as in DATPRL); without it, it is the plain Restormer block and ``forward(x)`` needs no prompt.
     """
 
     def __init__(self, dim: int, num_heads: int, ffn_expansion_factor: float = 2.66, bias: bool = False,
-                 layer_norm_type: str = 'WithBias', prompt_dim: Optional[int] = None,
-                 fusion_method: str = 'cross_attention', lean: bool = False, literal: bool = False):
+                 layer_norm_type: str = 'WithBias', literal: bool = False, prompt: Optional[PromptConfig] = None):
         super().__init__()
         self.norm1 = ChannelLayerNorm(dim, layer_norm_type, literal)
         self.attn = ChannelAttention(dim, num_heads, bias)
         self.norm2 = ChannelLayerNorm(dim, layer_norm_type, literal)
         self.ffn = GatedFeedForward(dim, ffn_expansion_factor, bias)
-        self.build_fusion(dim, prompt_dim, fusion_method, lean, literal)
+        self.build_fusion(dim, prompt)
 
     def forward(self, x: torch.Tensor, prompt: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(self.fuse(x, prompt)))
@@ -162,24 +163,53 @@ class Upsample(nn.Module):
         return self.body(x)
 
 
-def transformer_stack(count: int, dim: int, heads: int, **block_args) -> nn.Sequential:
-    """``count`` plain transformer blocks (an encoder level)."""
-    return nn.Sequential(*[TransformerBlock(dim, heads, **block_args) for _ in range(count)])
+def transformer_stack(count: int, dim: int, heads: int, prompt: Optional[PromptConfig] = None,
+                      **block_args) -> BlockStack:
+    """``count`` transformer blocks, prompted by ``prompt`` when it is given."""
+    return BlockStack(TransformerBlock(dim, heads, prompt=prompt, **block_args) for _ in range(count))
 
 
-class RestormerEncoder(nn.Module):
-    """Mixin: the Restormer encoder, three levels of plain blocks each followed by a 2x downsampling. Registered on
-    the host with the official names (``encoder_level1``, ``down1_2``, ...) so the plain and the prompted U-Net keep
-    their checkpoint keys."""
+class RestormerUNet(nn.Module):
+    """Mixin: the Restormer U-Net and its forward, shared by the plain Restormer and the DATPRL networks.
+
+    The host registers ``patch_embed`` and ``output`` itself (their places in the state_dict differ between the
+    official networks), then calls :meth:`build_encoder` and :meth:`build_decoder`, which register the official names
+    (``encoder_level1``, ``down1_2``, ..., the latent stack as :attr:`latent_name`, ``up4_3``, ...,
+    ``refinement``). ``forward`` pads to :attr:`pad_multiple`, encodes, asks :meth:`block_prompt` for the prompt of the
+    latent, decoder and refinement blocks (None here: the plain network), decodes, adds the input back
+    (:meth:`project_out`) and crops.
+    """
+
+    #: Attribute of the latent blocks: ``latent`` in Restormer checkpoints, ``latent_blocks`` in DATPRL ones.
+    latent_name = 'latent'
+    pad_multiple = RESTORMER_PAD
+    pad_mode = 'constant'
 
     def build_encoder(self, dim: int, blocks: Sequence[int], heads: Sequence[int], **block_args) -> None:
-        """Levels at ``dim``, ``2 dim``, ``4 dim`` channels with ``blocks[i]`` blocks of ``heads[i]`` heads."""
+        """Levels at ``dim``, ``2 dim``, ``4 dim`` channels with ``blocks[i]`` plain blocks of ``heads[i]`` heads, each
+        followed by a 2x downsampling."""
         self.encoder_level1 = transformer_stack(blocks[0], dim, heads[0], **block_args)
         self.down1_2 = Downsample(dim)
         self.encoder_level2 = transformer_stack(blocks[1], dim * 2, heads[1], **block_args)
         self.down2_3 = Downsample(dim * 2)
         self.encoder_level3 = transformer_stack(blocks[2], dim * 4, heads[2], **block_args)
         self.down3_4 = Downsample(dim * 4)
+
+    def build_decoder(self, dim: int, latent_blocks: int, blocks: Sequence[int], refine_blocks: int,
+                      heads: Sequence[int], prompt: Optional[PromptConfig] = None, **block_args) -> None:
+        """Latent at ``8 dim``, decoder levels 3, 2, 1 with ``blocks[2]``, ``blocks[1]``, ``blocks[0]`` blocks (the
+        official mirrored order), refinement at ``2 dim``; every block is prompted by ``prompt`` when it is given."""
+        bias = block_args.get('bias', False)
+        setattr(self, self.latent_name, transformer_stack(latent_blocks, dim * 8, heads[3], prompt, **block_args))
+        self.up4_3 = Upsample(dim * 8)
+        self.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, 1, bias=bias)
+        self.decoder_level3 = transformer_stack(blocks[2], dim * 4, heads[2], prompt, **block_args)
+        self.up3_2 = Upsample(dim * 4)
+        self.reduce_chan_level2 = nn.Conv2d(dim * 4, dim * 2, 1, bias=bias)
+        self.decoder_level2 = transformer_stack(blocks[1], dim * 2, heads[1], prompt, **block_args)
+        self.up2_1 = Upsample(dim * 2)
+        self.decoder_level1 = transformer_stack(blocks[0], dim * 2, heads[0], prompt, **block_args)
+        self.refinement = transformer_stack(refine_blocks, dim * 2, heads[0], prompt, **block_args)
 
     def encode(self, stem: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """stem ``[B, C, H, W]`` -> the three levels' outputs (skips) and the deepest features ``[B, 8C, H/8, W/8]``."""
@@ -188,9 +218,36 @@ class RestormerEncoder(nn.Module):
         out3 = self.encoder_level3(self.down2_3(out2))
         return (out1, out2, out3), self.down3_4(out3)
 
+    def decode(self, deep: torch.Tensor, skips: Sequence[torch.Tensor],
+               prompt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """deep ``[B, 8C, H/8, W/8]``, skips of :meth:`encode`, prompt ``[B, P]`` or None -> ``[B, 2C, H, W]``."""
+        out1, out2, out3 = skips
+        y = getattr(self, self.latent_name)(deep, prompt)
+        y = self.decoder_level3(self.reduce_chan_level3(torch.cat([self.up4_3(y), out3], 1)), prompt)
+        y = self.decoder_level2(self.reduce_chan_level2(torch.cat([self.up3_2(y), out2], 1)), prompt)
+        y = self.decoder_level1(torch.cat([self.up2_1(y), out1], 1), prompt)
+        return self.refinement(y, prompt)
+
+    def block_prompt(self, stem: torch.Tensor, deep: torch.Tensor) -> Optional[torch.Tensor]:
+        """The prompt of the decoder blocks; the plain U-Net has none."""
+        return None
+
+    def project_out(self, y: torch.Tensor, stem: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
+        """Decoder features ``[B, 2C, H, W]`` -> image: ``output(y)`` plus the (padded) input."""
+        return self.output(y) + padded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[B, C, H, W]`` -> restored ``[B, C, H, W]`` for any H, W (padded internally to ``pad_multiple``)."""
+        h, w = x.shape[-2:]
+        padded = pad_to_multiple(x, self.pad_multiple, self.pad_mode)
+        stem = self.patch_embed(padded)
+        skips, deep = self.encode(stem)
+        y = self.decode(deep, skips, self.block_prompt(stem, deep))
+        return self.project_out(y, stem, padded)[..., :h, :w]
+
 
 @register(ARCH_REGISTRY, aliases=('Restormer',))
-class PaddedRestormer(RestormerEncoder):
+class PaddedRestormer(RestormerUNet):
     """Restormer (Zamir et al. 2022) that zero-pads the input to a multiple of 8 and crops the output.
 
     Registered as ``Restormer`` with the official arguments, so DATPRL-IR's prompt-free option files and checkpoints
@@ -207,32 +264,13 @@ class PaddedRestormer(RestormerEncoder):
         self.dual_pixel_task = dual_pixel_task
         self.patch_embed = PatchEmbed(inp_channels, dim)
         self.build_encoder(dim, num_blocks[:3], heads, **args)
-        self.latent = transformer_stack(num_blocks[3], dim * 8, heads[3], **args)
-        self.up4_3 = Upsample(dim * 8)
-        self.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, 1, bias=bias)
-        self.decoder_level3 = transformer_stack(num_blocks[2], dim * 4, heads[2], **args)
-        self.up3_2 = Upsample(dim * 4)
-        self.reduce_chan_level2 = nn.Conv2d(dim * 4, dim * 2, 1, bias=bias)
-        self.decoder_level2 = transformer_stack(num_blocks[1], dim * 2, heads[1], **args)
-        self.up2_1 = Upsample(dim * 2)
-        self.decoder_level1 = transformer_stack(num_blocks[0], dim * 2, heads[0], **args)
-        self.refinement = transformer_stack(num_refinement_blocks, dim * 2, heads[0], **args)
+        self.build_decoder(dim, num_blocks[3], num_blocks[:3], num_refinement_blocks, heads, **args)
         if dual_pixel_task:
             self.skip_conv = nn.Conv2d(dim, dim * 2, 1, bias=bias)
         self.output = nn.Conv2d(dim * 2, out_channels, 3, padding=1, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``[B, C_in, H, W]`` -> ``[B, C_out, H, W]`` for any H, W."""
-        h, w = x.shape[-2:]
-        padded = pad_to_multiple(x, RESTORMER_PAD)
-        stem = self.patch_embed(padded)
-        (out1, out2, out3), deep = self.encode(stem)
-        y = self.latent(deep)
-        y = self.decoder_level3(self.reduce_chan_level3(torch.cat([self.up4_3(y), out3], 1)))
-        y = self.decoder_level2(self.reduce_chan_level2(torch.cat([self.up3_2(y), out2], 1)))
-        y = self.refinement(self.decoder_level1(torch.cat([self.up2_1(y), out1], 1)))
+    def project_out(self, y: torch.Tensor, stem: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
+        """With ``dual_pixel_task``: ``output(y + skip_conv(stem))``, no global residual."""
         if self.dual_pixel_task:
-            y = self.output(y + self.skip_conv(stem))
-        else:
-            y = self.output(y) + padded
-        return y[..., :h, :w]
+            return self.output(y + self.skip_conv(stem))
+        return super().project_out(y, stem, padded)

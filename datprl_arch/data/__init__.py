@@ -1,4 +1,5 @@
-"""Multi-domain paired data for BasicSR: the registered dataset, balanced sampling, image I/O and the MD-Mini demo.
+"""Multi-domain paired data for BasicSR: the registered dataset, its sources and checks, balanced sampling, image I/O,
+LMDBs (``lmdb/``) and the synthetic degradations of ``mode: synth`` sources.
 
 Importing this package registers ``DATPRLMultiDomainDataset`` (aliases ``MultiDatasetPairedImageDataset`` and
 ``MultiTaskAllInOneDataset``) into BasicSR's ``DATASET_REGISTRY``.

@@ -26,6 +26,8 @@ from ..utils.atomic import atomic_write_bytes
 DTYPE_RANGE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 #: Channel counts a network can be fed: grayscale or colour.
 NETWORK_CHANNELS = (1, 3)
+#: File suffixes treated as images when scanning folders (lower case).
+IMAGE_SUFFIXES = ('.png', '.tif', '.tiff', '.jpg', '.jpeg', '.bmp', '.webp')
 #: The marker every complete JPEG ends with.
 _JPEG_EOI = b'\xff\xd9'
 #: The first bytes of every PNG file.

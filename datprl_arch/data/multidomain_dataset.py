@@ -54,19 +54,20 @@ from typing import Optional
 import cv2
 import numpy as np
 import torch
+from torch.utils import data
+from torchvision.transforms.functional import normalize
+
 from basicsr.data.transforms import augment, paired_random_crop
 from basicsr.utils import FileClient, bgr2ycbcr, img2tensor
 from basicsr.utils.dist_util import get_dist_info
 from basicsr.utils.registry import DATASET_REGISTRY
-from torch.utils import data
-from torchvision.transforms.functional import normalize
-
 from datprl_arch.utils.registry import register
 
+from ..utils.problems import Problems
 from .degradations import DEGRADATIONS, SR_SCALE, degrade
 from .image_io import DTYPE_RANGE, NETWORK_CHANNELS, decode_raw, to_channels, to_unit
 from .sampling import SAMPLING_MODES, BalancedSchedule
-from .sources import Problems, Source, build_source, format_warnings, parse_source
+from .sources import Source, build_source, dataset_problems, format_warnings, parse_source
 
 #: Type names under which option files written for the official code reach this dataset.
 OFFICIAL_NAMES = ('MultiDatasetPairedImageDataset', 'MultiTaskAllInOneDataset')
@@ -205,7 +206,7 @@ class DATPRLMultiDomainDataset(data.Dataset):
         official = opt.get('type') in OFFICIAL_NAMES
         self.channels = int(opt.get('channels', 3))
         self.mean, self.std = opt.get('mean'), opt.get('std')
-        problems = Problems(name)
+        problems = dataset_problems(name)
         if self.channels not in NETWORK_CHANNELS:
             problems.add('channels', f'channels must be one of {NETWORK_CHANNELS}, got {opt.get("channels")!r}.')
         photometric = opt.get('photometric') or {}

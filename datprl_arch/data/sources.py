@@ -12,17 +12,17 @@ import difflib
 import math
 import os
 import os.path as osp
-import re
 from typing import Optional
 
 from basicsr.utils import scandir
 
 from ..errors import DatprlError
+from ..priors.descriptions import DescriptionError, read_descriptions
 from ..utils.debris import stale_debris
-from ..utils.problems import problems_message
-from .descriptions import DescriptionError, read_descriptions
-from .image_io import ImageDecodeError, ImageFormat, check_file, file_format
-from .lmdb_env import LmdbError, inspect_lmdb, read_build_record
+from ..utils.problems import MAX_LISTED, Problems
+from .image_io import IMAGE_SUFFIXES, ImageDecodeError, ImageFormat, check_file, file_format
+from .lmdb.checks import LmdbError, inspect_lmdb
+from .lmdb.meta import META_FILE, read_build_record, read_lmdb_meta
 
 #: Keys a source entry may carry; anything else is reported as a probable typo.
 SOURCE_KEYS = ('name', 'domain', 'task', 'dataroot_gt', 'dataroot_lq', 'io_backend', 'meta_info_file',
@@ -37,34 +37,15 @@ SOURCE_MODES = ('paired', 'noise', 'synth')
 GENERATED_MODES = ('noise', 'synth')
 #: Storage backends a source can use.
 BACKENDS = ('disk', 'lmdb')
-#: File suffixes treated as images when scanning folders (lower case).
-IMAGE_SUFFIXES = ('.png', '.tif', '.tiff', '.jpg', '.jpeg', '.bmp', '.webp')
-#: How many problems an error message lists before summarising the rest.
-MAX_LISTED = 8
-#: One line of BasicSR's meta_info.txt: ``<name> (<h>,<w>,<c>) <compress level>``.
-_META_LINE = re.compile(r'^(?P<name>\S.*?)\s+\((?P<h>\d+),\s*(?P<w>\d+),\s*(?P<c>\d+)\)(?:\s+(?P<level>\d+))?\s*$')
 
 
 class DataSourceError(DatprlError, ValueError):
     """Bad data or options found while building a dataset; the message lists the first problems."""
 
 
-class Problems:
-    """Collects problems of one dataset and raises them together."""
-
-    def __init__(self, dataset_name: str):
-        self.dataset_name = dataset_name
-        self.items: list[str] = []
-
-    def add(self, source: str, message: str) -> None:
-        self.items.append(f'[{source}] {message}')
-
-    def raise_if_any(self) -> None:
-        if not self.items:
-            return
-        raise DataSourceError(problems_message(
-            f"Dataset '{self.dataset_name}': {len(self.items)} problem(s) in the data or options:", self.items,
-            MAX_LISTED))
+def dataset_problems(name: str) -> Problems:
+    """The problem collector of the dataset ``name``: it raises one :class:`DataSourceError`."""
+    return Problems(f"Dataset '{name}'", DataSourceError, ' in the data or options')
 
 
 @dataclasses.dataclass
@@ -200,7 +181,8 @@ def parse_source(opt: dict, index: int, problems: Problems, official: bool) -> O
         except (TypeError, ValueError):
             valid = False
         if not valid:
-            problems.add(label, f"sigma must be a positive number (noise std on the 0-255 scale), got {opt['sigma']!r}.")
+            problems.add(label, 'sigma must be a positive number (noise std on the 0-255 scale), got '
+                         f"{opt['sigma']!r}.")
             ok = False
     if not ok:
         return None
@@ -261,27 +243,6 @@ def _pairs_from_meta_info(name, gt_root, lq_root, tmpl, meta_file, problems) -> 
     return pairs
 
 
-def read_lmdb_meta(lmdb_root: str) -> dict[str, tuple[int, int, int]]:
-    """Parse ``meta_info.txt`` of a BasicSR LMDB into ``{key: (h, w, c)}`` (key = name without image suffix).
-
-    Unlike BasicSR's ``split('.')[0]`` this keeps dots inside names; raises ``ValueError`` on a malformed line.
-    """
-    meta = {}
-    path = osp.join(lmdb_root, 'meta_info.txt')
-    with open(path, encoding='utf-8') as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            match = _META_LINE.match(line.strip())
-            if match is None:
-                raise ValueError(f'{path}:{number}: expected "<name>.png (h,w,c) <level>", got {line.strip()!r}.')
-            key = match['name']
-            if key.lower().endswith(IMAGE_SUFFIXES):
-                key = osp.splitext(key)[0]
-            meta[key] = (int(match['h']), int(match['w']), int(match['c']))
-    return meta
-
-
 def _pairs_from_lmdb(name, gt_root, lq_root, verify, problems) -> list[Pair]:
     metas, formats = {}, {}
     for root, role in ((gt_root, 'GT'), (lq_root, 'LQ')):
@@ -291,7 +252,7 @@ def _pairs_from_lmdb(name, gt_root, lq_root, verify, problems) -> list[Pair]:
         if not osp.isfile(osp.join(root, 'data.mdb')):
             problems.add(name, f'{role} LMDB {root} does not exist (no data.mdb){_relative_to_cwd(root)}.')
             return []
-        if not osp.isfile(osp.join(root, 'meta_info.txt')):
+        if not osp.isfile(osp.join(root, META_FILE)):
             problems.add(name, f'{role} LMDB {root} has no meta_info.txt (expected one line "<key>.png (h,w,c) '
                          f'<level>" per image, as written by python -m datprl_arch.tools.make_lmdb).')
             return []

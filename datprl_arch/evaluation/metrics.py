@@ -17,6 +17,7 @@ from typing import Mapping, Optional
 import cv2
 import numpy as np
 import torch
+
 from basicsr.metrics import calculate_metric
 from basicsr.utils import get_root_logger, tensor2img
 

@@ -22,11 +22,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
 from basicsr.data import build_dataloader, build_dataset
 from basicsr.models import build_model
 from basicsr.utils import get_root_logger, set_random_seed, tensor2img
 from basicsr.utils.logger import initialized_logger
-from tqdm import tqdm
 
 from ..data.sources import DataSourceError
 from ..options import OptionFileError, load_option_file

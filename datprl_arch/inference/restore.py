@@ -20,12 +20,13 @@ from typing import Mapping, Optional, Sequence
 import cv2
 import torch
 import yaml
-from basicsr.archs import build_network
-from basicsr.utils import get_root_logger, img2tensor, scandir
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
+
+from basicsr.archs import build_network
+from basicsr.utils import get_root_logger, img2tensor, scandir
 
 from ..archs.prompt import PromptSystem
 from ..data.image_io import (NETWORK_CHANNELS, ImageDecodeError, decode_raw, tensor_to_stored, to_channels, to_unit,

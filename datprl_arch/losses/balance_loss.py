@@ -4,8 +4,9 @@ from __future__ import annotations
 from typing import Union
 
 import torch
-from basicsr.utils.registry import LOSS_REGISTRY
 from torch import nn
+
+from basicsr.utils.registry import LOSS_REGISTRY
 
 from ..utils.registry import register
 from .precision import float32

@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 import torch
-from basicsr.utils.registry import LOSS_REGISTRY
 from torch import nn
 from torch.nn import functional as F
+
+from basicsr.utils.registry import LOSS_REGISTRY
 
 from ..utils.registry import register
 from .precision import float32

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from basicsr.losses.basic_loss import l1_loss
 from basicsr.utils.registry import LOSS_REGISTRY
-from torch import nn
 
 from ..utils.registry import register
 from .precision import float32

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..data import degradations as deg
 from ..data.image_io import ImageFormat, to_stored
-from ..tools.make_lmdb import folder_items, make_paired_lmdb, write_lmdb
+from ..data.lmdb.writer import folder_items, make_paired_lmdb, write_lmdb
 from ..utils.debris import remove, stale_debris
 from .images import POOLS, UNSEEN_POOLS
 from .split import HELD_OUT_IMAGES, SPLITS, Block, blocks, held_out_side, limit_blocks, split_pool

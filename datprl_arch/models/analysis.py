@@ -126,4 +126,3 @@ class PromptAnalysis:
         ax.legend(fontsize='small')
         fig.savefig(osp.join(folder, 'prompts_2d.png'))
         plt.close(fig)
-

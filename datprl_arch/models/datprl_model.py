@@ -25,13 +25,14 @@ from contextlib import nullcontext
 from os import path as osp
 
 import torch
+from torch import distributed as dist
+
 from basicsr.losses import build_loss
 from basicsr.metrics import calculate_metric
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger, tensor2img
 from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
-from torch import distributed as dist
 
 from ..archs.prompt import dead_parameter_names
 from ..errors import DatprlError
@@ -41,9 +42,9 @@ from ..utils.atomic import atomic_torch_save
 from ..utils.checkpoint import NETWORK_KEY, load_checkpoint, plain_options
 from ..utils.precision import AMP_DTYPES, amp_problem, autocast
 from ..utils.registry import register
+from .analysis import PromptAnalysis
 from .optim import build_optimizer, build_scheduler, parameter_groups, resolve_parts
 from .prompt_objectives import OBJECTIVE_KEYS, PromptObjectives
-from .analysis import PromptAnalysis
 from .reporting import ValidationReport, write_result_image
 
 BASICSR_TRAIN_KEYS = ('ema_decay', 'optim_g', 'scheduler', 'total_iter', 'warmup_iter', 'pixel_opt', 'perceptual_opt')

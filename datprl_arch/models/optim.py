@@ -9,9 +9,10 @@ import math
 from typing import Iterable, Sequence
 
 import torch
-from basicsr.models import lr_scheduler as basicsr_schedulers
 from torch import nn
 from torch.optim import lr_scheduler as torch_schedulers
+
+from basicsr.models import lr_scheduler as basicsr_schedulers
 
 from ..archs.prompt import prompt_parameter_names
 

@@ -2,39 +2,37 @@
 
 Reads the network's last retrieval (``net.prompt_state``) and the batch labels, and returns the weighted terms:
 
-| term | option (6T value) | what |
-| --- | --- | --- |
-| ``l_div`` | ``prompt_diversity_weight`` (1.0), ``diversity_temperature`` (0.1) | prompts of a pool stay apart |
-| ``l_bal`` | ``prompt_balance_weight`` (0.1), ``balance_mode`` | soft pool usage stays near uniform |
-| ``l_con``, ``l_con_dom`` | ``prompt_contrastive_weight`` (0.1), ``contrastive_temperature`` | SupCon on task queries with task labels, domain queries with domain labels |
-| ``l_align`` | ``use_clip_constraint``, ``clip_alignment_weight`` (1.0) | domain prompts pulled to their images' description embeddings |
+- ``l_div``: ``prompt_diversity_weight`` (6T: 1.0), ``diversity_temperature`` (0.1); prompts of a pool stay apart.
+- ``l_bal``: ``prompt_balance_weight`` (0.1), ``balance_mode``; soft pool usage stays near uniform.
+- ``l_con``, ``l_con_dom``: ``prompt_contrastive_weight`` (0.1), ``contrastive_temperature``; SupCon on task queries
+  with task labels, domain queries with domain labels.
+- ``l_align``: ``use_clip_constraint``, ``clip_alignment_weight`` (1.0); domain prompts pulled to their images'
+  description embeddings.
 
 Hard usage counters are kept over windows of ``stats_update_freq`` iterations and logged; with ``reinit_prompts``
 prompts never selected in a window are re-initialised. The alignment's projection (when the prompt and text widths
 differ) is owned here, so the network's state_dict keeps the official keys.
 
-Description embeddings come from ``text_embeddings`` (a file written by ``python -m
-datprl_arch.tools.encode_descriptions``) or, as in the official option file, from ``text_description_paths`` (one
-descriptions JSON per training source, in source order) encoded at start-up with the local CLIP RN50 weights of
-``clip_weights`` (or ``text_encoder: hash``, the deterministic stand-in). ``use_clip_constraint: true`` without
-either is an error (:func:`clip_constraint_problem`; the option validation reports it before anything is built):
-the method would silently train without its domain prior. Set ``use_clip_constraint: false`` to train without it.
-Every file of ``text_description_paths`` must exist, whichever encoder is used.
+The description embeddings of ``l_align`` come from ``text_embeddings`` or ``text_description_paths``
+(:func:`datprl_arch.priors.training.training_embeddings`); ``use_clip_constraint: true`` without either is an error
+(:func:`~datprl_arch.priors.training.clip_constraint_problem`). Set ``use_clip_constraint: false`` to train without
+the constraint.
 """
 from __future__ import annotations
 
-import os
-import os.path as osp
 from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
-from basicsr.utils import get_root_logger
 from torch import nn
 
+from basicsr.utils import get_root_logger
+
 from ..losses import (DATPRLBalanceLoss, DATPRLDiversityLoss, DATPRLDomainAlignmentLoss, DATPRLSupConLoss,
-                      DescriptionEmbeddings, PromptUsageTracker, TextSpaceProjection, reinitialise_prompts)
+                      TextSpaceProjection)
 from ..options import OptionFileError
+from ..priors.training import clip_constraint_problem, training_embeddings
+from .prompt_usage import PromptUsageTracker, reinitialise_prompts
 
 OBJECTIVE_KEYS = (
     'use_clip_constraint', 'clip_model', 'clip_weights', 'text_encoder', 'clip_alignment_weight',
@@ -43,24 +41,6 @@ OBJECTIVE_KEYS = (
     'stats_update_freq', 'reinit_prompts', 'prompt_contrastive_weight', 'contrastive_temperature')
 DEFAULT_STATS_FREQ = 5000
 ALIGNMENT_TARGETS = ('domain_prompt', 'domain_query', 'prompt')
-TEXT_ENCODERS = (None, 'clip', 'hash')  # encoders of text_description_paths at start-up (None: none available)
-
-
-def clip_constraint_problem(train_opt: dict) -> Optional[str]:
-    """Why ``use_clip_constraint: true`` cannot be applied with these ``train:`` options (no embeddings file, no
-    description files, or description files without an encoder), or None. Files are checked where they are read."""
-    if not train_opt.get('use_clip_constraint') or train_opt.get('text_embeddings'):
-        return None
-    if not train_opt.get('text_description_paths'):
-        what = 'neither text_embeddings nor text_description_paths is set'
-    elif not train_opt.get('clip_weights') and train_opt.get('text_encoder') != 'hash':
-        what = 'text_description_paths is set but no encoder for them (clip_weights or text_encoder: hash)'
-    else:
-        return None
-    return (f'use_clip_constraint: true, but the domain-prior constraint cannot be applied: {what}. Set '
-            'text_embeddings to a file written by python -m datprl_arch.tools.encode_descriptions, or '
-            'clip_weights to local CLIP RN50 weights for text_description_paths; or set use_clip_constraint: false '
-            'to train without the constraint')
 
 
 def _pools(net: nn.Module) -> 'OrderedDict[str, nn.Module]':
@@ -98,44 +78,12 @@ class PromptObjectives(nn.Module):
         self.pending_indices: dict = {}  # this step's selections, counted by end_step unless the step was skipped
         self.alignment, self.projection, self.texts = None, None, None
         if train_opt.get('use_clip_constraint'):
-            self.texts = self._description_embeddings(train_opt, opt)
+            self.texts = training_embeddings(train_opt, _train_source_names(opt))
             if self.texts is None:
                 raise OptionFileError(f'train.{clip_constraint_problem(train_opt)}')
             self._setup_alignment(train_opt, net)
 
     # ------------------------------------------------------------ setup
-    @staticmethod
-    def _description_embeddings(train_opt: dict, opt: dict) -> Optional[DescriptionEmbeddings]:
-        if train_opt.get('text_embeddings'):
-            return DescriptionEmbeddings.load(train_opt['text_embeddings'])
-        paths = train_opt.get('text_description_paths') or []
-        if not paths:
-            return None
-        missing = [str(p) for p in paths if not osp.isfile(str(p))]
-        if missing:
-            raise OptionFileError(f'train.text_description_paths: {len(missing)} of {len(paths)} description file(s) '
-                                  f'do not exist: {missing} (relative paths start from {os.getcwd()})')
-        from ..tools.encode_descriptions import DescriptionError, clip_encoder, encode_files, hash_encoder
-        sources = _train_source_names(opt)
-        if len(sources) != len(paths):
-            raise ValueError(f'train.text_description_paths lists {len(paths)} files for {len(sources)} training '
-                             'sources; give one descriptions JSON per source, in the order of datasets.train.datasets')
-        text_encoder = train_opt.get('text_encoder') or ('clip' if train_opt.get('clip_weights') else None)
-        if text_encoder not in TEXT_ENCODERS:
-            raise ValueError(f"train.text_encoder must be one of {TEXT_ENCODERS}, got '{text_encoder}'")
-        if text_encoder == 'hash':
-            encoder, name = hash_encoder(), 'hash'
-        elif train_opt.get('clip_weights'):
-            try:
-                encoder = clip_encoder(train_opt['clip_weights'], 'cpu')
-            except DescriptionError as err:
-                raise ValueError(f'train.clip_weights: {err}') from err
-            name = f"open_clip:{train_opt.get('clip_model', 'RN50')}:{train_opt['clip_weights']}"
-        else:
-            return None
-        get_root_logger().info(f'Encoding {len(paths)} description files with {name}')
-        return encode_files(list(zip(sources, paths)), encoder, name)
-
     def _setup_alignment(self, train_opt: dict, net: nn.Module) -> None:
         target = train_opt.get('alignment_target', 'domain_prompt' if 'domain' in self.pools else 'prompt')
         if target not in ALIGNMENT_TARGETS:

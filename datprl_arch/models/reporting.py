@@ -14,6 +14,7 @@ import torch
 from ..data.image_io import ImageFormat, tensor_to_stored, write
 from ..utils.atomic import atomic_write_json
 
+
 def write_result_image(path: str, result: torch.Tensor, batch: dict) -> None:
     """Write a ``[C, H, W]`` RGB result in ``[0, 1]`` in the stored format of the batch's first LQ image (8-bit of
     the result's channels when the dataset does not report one)."""

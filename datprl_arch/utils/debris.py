@@ -4,7 +4,7 @@ database or folder being built) and ``<target>.old-<pid>`` (the previous version
 Such a name is never read as data: no loader accepts it. A leftover is *stale* when the process that wrote it
 (``<pid>``) is no longer running on this machine; only stale ones are removed, so a concurrent writer keeps its
 temporary files. ``.old-``/``.partial-`` databases of an interrupted swap are finished or undone by the tool that
-made them (``datprl_arch.tools.make_lmdb``), not removed blindly.
+made them (``datprl_arch.data.lmdb.install``), not removed blindly.
 """
 from __future__ import annotations
 

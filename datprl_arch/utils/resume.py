@@ -3,7 +3,8 @@
 BasicSR's ``--auto_resume`` takes the highest-numbered ``training_states/<iter>.state`` and its
 ``models/net_*_<iter>.pth`` files on trust. Here a candidate is used only when its state loads (``weights_only=True``)
 and every network file it needs is a complete archive; a damaged one (truncated, empty, not a checkpoint) is named in
-a warning and the next older candidate is tried. Leftover ``*.tmp-<pid>`` files of interrupted saves are removed first (never read).
+a warning and the next older candidate is tried. Leftover ``*.tmp-<pid>`` files of interrupted saves are removed
+first (never read).
 
 Messages for the log are kept per run (per option dict) until the runner's logger exists (it is created after the
 resume state is loaded) and written by :func:`log_pending`.

@@ -1,9 +1,11 @@
-"""The backbone-independent prompt system: pools, queries, composition and gated fusion."""
+"""The backbone-independent prompt system: its configuration, pools, queries, composition and gated fusion."""
 from .compose import SingleKeyAttention
-from .fusion import PromptedBlock, dead_parameter_names
-from .pool import PoolOutput, PromptPool
+from .config import PROMPT_ARGUMENTS, TASK_POOL_ARGUMENTS, PromptConfig
+from .fusion import BlockStack, PromptedBlock, dead_parameter_names
+from .pool import PoolOutput, PoolSpec, PromptPool
 from .query import PoolQuery
-from .system import PoolSpec, PromptState, PromptSystem, prompt_parameter_names
+from .system import PromptState, PromptSystem, prompt_parameter_names
 
-__all__ = ['PoolOutput', 'PoolQuery', 'PoolSpec', 'PromptPool', 'PromptState', 'PromptSystem', 'PromptedBlock',
-           'SingleKeyAttention', 'dead_parameter_names', 'prompt_parameter_names']
+__all__ = ['PROMPT_ARGUMENTS', 'TASK_POOL_ARGUMENTS', 'BlockStack', 'PoolOutput', 'PoolQuery', 'PoolSpec',
+           'PromptConfig', 'PromptPool', 'PromptState', 'PromptSystem', 'PromptedBlock', 'SingleKeyAttention',
+           'dead_parameter_names', 'prompt_parameter_names']

@@ -68,21 +68,21 @@ class SingleKeyAttention(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def composed_dim(domain_dim: int, task_dim: int, composition: str) -> int:
-    """Width of the composed prompt that the prompted blocks receive."""
-    return domain_dim if composition == 'cross_attention' else domain_dim + task_dim
-
-
 def check_composition(composition: str, domain_dim: int, task_dim: int) -> None:
+    """Raise ``ValueError`` unless ``composition`` can compose a ``domain_dim`` and a ``task_dim`` prompt."""
     if composition not in COMPOSITIONS:
         raise ValueError(f"prompt_fusion_method must be one of {COMPOSITIONS}, got '{composition}'")
-    if composition == 'cross_attention' and domain_dim != task_dim:
+    if composition != 'cross_attention':
+        return
+    if domain_dim != task_dim:
         raise ValueError(f"prompt_fusion_method 'cross_attention' needs domain_prompt_dim == degradation_prompt_dim, "
                          f'got {domain_dim} and {task_dim}')
+    if domain_dim % ATTENTION_HEADS:
+        raise ValueError(f"prompt_fusion_method 'cross_attention' needs a prompt dim divisible by its "
+                         f'{ATTENTION_HEADS} attention heads, got {domain_dim}')
 
 
 def feed_forward(dim: int, expansion: int = 2, dropout: float = DROPOUT) -> nn.Sequential:
     """The composition's residual feed-forward ``Linear(E, 2E), GELU, Dropout, Linear(2E, E)``."""
     return nn.Sequential(nn.Linear(dim, expansion * dim), nn.GELU(), nn.Dropout(dropout),
                          nn.Linear(expansion * dim, dim))
-

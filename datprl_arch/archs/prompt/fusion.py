@@ -12,11 +12,14 @@ weighs features against the prompt. Three fusion modes:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from .config import PromptConfig
 
 FUSIONS = ('cross_attention', 'concat', 'adaptive_modulation')
 GATE_INIT = 0.5
@@ -26,6 +29,12 @@ FUSION_LAYERS = {
     'concat': ('prompt_projection', 'prompt_fusion'),
     'adaptive_modulation': ('prompt_mlp',),
 }
+
+
+def check_fusion(method: str) -> None:
+    """Raise ``ValueError`` unless ``method`` is one of :data:`FUSIONS`."""
+    if method not in FUSIONS:
+        raise ValueError(f"fusion_method must be one of {FUSIONS}, got '{method}'")
 
 
 def _bias_map(bias: torch.Tensor) -> torch.Tensor:
@@ -47,26 +56,22 @@ class PromptedBlock(nn.Module):
     (official key order: gates first, fusion layers after the block's layers) and ``fuse(x, prompt)`` in forward.
 
     Parameters are registered on the block itself, with official names, so official checkpoints load unchanged.
-    With ``prompt_dim=None`` nothing is created and ``fuse`` is the identity (a plain backbone block).
+    Without a prompt configuration nothing is created and ``fuse`` is the identity (a plain backbone block).
     """
 
     fusion_method: Optional[str] = None
     prompt_members: tuple[str, ...] = ()  # attributes that belong to the prompt system (see prompt_parameter_names)
 
-    def build_fusion(self, dim: int, prompt_dim: Optional[int], method: str = 'cross_attention',
-                     lean: bool = False, literal: bool = False) -> None:
-        """Create the AGF gates and the ``method`` layers for ``dim`` channels and a ``prompt_dim`` prompt.
+    def build_fusion(self, dim: int, prompt: Optional[PromptConfig]) -> None:
+        """Create the AGF gates and the ``prompt.fusion`` layers for ``dim`` channels and a ``prompt.width`` prompt.
 
-        ``lean`` skips the dead ``cross_attn_q``/``cross_attn_k`` (their official weights are dropped on load);
-        ``literal`` computes the fusion per pixel exactly as the official code (benchmark baseline).
+        ``prompt.lean`` skips the dead ``cross_attn_q``/``cross_attn_k`` (their official weights are dropped on load);
+        ``prompt.literal`` computes the fusion per pixel exactly as the official code (benchmark baseline).
         """
-        if prompt_dim is None:
+        if prompt is None:
             return
-        if method not in FUSIONS:
-            raise ValueError(f"fusion_method must be one of {FUSIONS}, got '{method}'")
-        if lean and literal:
-            raise ValueError('lean=True drops the projections that literal=True computes; choose one')
-        self.fusion_method, self.lean, self.literal = method, lean, literal
+        method, lean, prompt_dim = prompt.fusion, prompt.lean, prompt.width
+        self.fusion_method, self.lean, self.literal = method, lean, prompt.literal
         self.feature_weight = nn.Parameter(torch.tensor([GATE_INIT]))
         self.prompt_weight = nn.Parameter(torch.tensor([GATE_INIT]))
         if method == 'cross_attention':
@@ -127,3 +132,13 @@ class PromptedBlock(nn.Module):
                 for key in [k for k in state_dict if k.startswith(f'{prefix}{name}.')]:
                     del state_dict[key]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class BlockStack(nn.ModuleList):
+    """Blocks applied in order, each given the same prompt (None for plain blocks); keys ``<i>.<block key>``, as an
+    ``nn.Sequential`` would have them (the official stacks)."""
+
+    def forward(self, x: torch.Tensor, prompt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        for block in self:
+            x = block(x, prompt)
+        return x

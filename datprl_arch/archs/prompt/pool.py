@@ -7,6 +7,7 @@ the selected values are composed with softmax weights over the selected similari
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -25,6 +26,29 @@ def _autocast_off(device: torch.device):
     if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return nullcontext()
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """Size P, width D and selection count k of one prompt pool."""
+    size: int
+    dim: int
+    top_k: int
+
+    def check(self, prefix: str = '') -> None:
+        """Raise ``ValueError`` unless P, D >= 1 and 1 <= k <= P; messages name ``<prefix>pool_size`` etc. (the
+        networks' official arguments: ``degradation_``, ``domain_``)."""
+        for name, value in ((f'{prefix}pool_size', self.size), (f'{prefix}prompt_dim', self.dim)):
+            if value < 1:
+                raise ValueError(f'{name} must be a positive integer, got {value}')
+        if not 1 <= self.top_k <= self.size:
+            raise ValueError(f'{prefix}top_k must lie in [1, {prefix}pool_size={self.size}], got {self.top_k}')
+
+
+def check_value_tokens(count: int) -> None:
+    """Raise ``ValueError`` unless a prompt has at least one value token."""
+    if count < 1:
+        raise ValueError(f'value_num_tokens must be a positive integer, got {count}')
 
 
 class PoolOutput(NamedTuple):
@@ -52,8 +76,8 @@ class PromptPool(nn.Module):
 
     def __init__(self, pool_size: int, prompt_dim: int, top_k: int, value_num_tokens: int):
         super().__init__()
-        if not 1 <= top_k <= pool_size:
-            raise ValueError(f'top_k must lie in [1, pool_size={pool_size}], got {top_k}')
+        PoolSpec(pool_size, prompt_dim, top_k).check()
+        check_value_tokens(value_num_tokens)
         self.top_k = top_k
         self.prompt_keys = nn.Parameter(torch.empty(pool_size, prompt_dim))
         self.prompt_values = nn.Parameter(torch.empty(pool_size, value_num_tokens, prompt_dim))

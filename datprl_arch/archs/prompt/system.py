@@ -1,9 +1,11 @@
 """The prompt system of a DATPRL network: queries, the two pools and their composition, independent of the backbone.
 
-A backbone network mixes in ``PromptSystem``, builds its own layers, then calls ``build_prompt_system`` (so the
-prompt parameters follow the backbone's in the state_dict, as in official checkpoints). In ``forward`` it calls
-``compose_prompt(stem, deep)`` once and hands the returned prompt to every prompted block. The last retrieval is kept
-in ``prompt_state`` for the prompt-pool losses and analysis, so the BasicSR ``forward(x)`` signature is unchanged.
+A backbone network mixes in ``PromptSystem`` and takes its prompt arguments (official names, ``prompt_arguments``)
+as ``**prompt``. Its constructor first turns them into a validated :class:`PromptConfig` (``configure_prompt``), builds
+its own layers (prompted blocks from the config), then calls ``build_prompt_system`` (so the prompt parameters follow
+the backbone's in the state_dict, as in official checkpoints). In ``forward`` it calls ``block_prompt(stem, deep)``
+once and hands the returned prompt (None for the prompt-free backbone) to every prompted block. The last retrieval is
+kept in ``prompt_state`` for the prompt-pool losses and analysis, so the BasicSR ``forward(x)`` signature is unchanged.
 
 For inference on parts of an image (tiles), ``compute_prompt(x)`` returns the prompt of a whole image without
 running the decoder, and ``with net.fixed_prompt(prompt): net(tile)`` makes every forward in the block use that
@@ -11,17 +13,18 @@ prompt instead of retrieving one from its own input; outside the block nothing c
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
 
-from .compose import SingleKeyAttention, check_composition, composed_dim, feed_forward
+from .compose import SingleKeyAttention, feed_forward
+from .config import PROMPT_ARGUMENTS, PromptConfig
 from .pool import PoolOutput, PromptPool
 from .query import DOMAIN_QUERY_GRID, TASK_QUERY_GRID, PoolQuery
-
 
 PROMPT_MODULES = ('domain_prompt_pool', 'degradation_prompt_pool', 'domain_mapper', 'degradation_mapper',
                   'prompt_cross_attention', 'prompt_fusion_norm', 'prompt_fusion_ffn')
@@ -42,14 +45,6 @@ def prompt_parameter_names(net: nn.Module) -> set[str]:
     return names
 
 
-@dataclass(frozen=True)
-class PoolSpec:
-    """Size P, width D and selection count k of one prompt pool."""
-    size: int
-    dim: int
-    top_k: int
-
-
 @dataclass
 class PromptState:
     """One forward's prompt retrieval: queries ``[B, D]``, pool outputs, composed prompt ``[B, P]``."""
@@ -64,6 +59,23 @@ class _PromptComposed(Exception):
     """Ends a forward as soon as its prompt is composed (raised for :meth:`PromptSystem.compute_prompt`)."""
 
 
+class ConstructorSignature:
+    """``cls.__signature__`` of a prompted network: its ``__init__`` with the ``**prompt`` catch-all replaced by the
+    class's ``prompt_arguments`` (keyword-only, with their defaults), so ``inspect.signature`` (the option-file check,
+    ``help()``) lists every argument the constructor takes. None on an instance, whose call is ``forward``."""
+
+    def __get__(self, obj: Any, cls: type) -> Optional[inspect.Signature]:
+        if obj is not None:
+            return None
+        signature = inspect.signature(cls.__init__)
+        own = list(signature.parameters.values())[1:]  # without self
+        if not any(p.kind is p.VAR_KEYWORD and p.name == 'prompt' for p in own):
+            return None  # not a network constructor taking **prompt: the usual signature
+        keyword = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=value)
+                   for name, value in cls.prompt_arguments.items()]
+        return signature.replace(parameters=[p for p in own if p.kind is not p.VAR_KEYWORD] + keyword)
+
+
 class PromptSystem(nn.Module):
     """Mixin for networks with a task prompt pool and an optional domain prompt pool.
 
@@ -72,35 +84,49 @@ class PromptSystem(nn.Module):
     ``prompt_fusion_norm`` and ``prompt_fusion_ffn`` the cross-attention composition.
     """
 
+    #: The constructor's prompt arguments (official names) and their defaults; the network takes them as ``**prompt``.
+    prompt_arguments: Mapping[str, Any] = PROMPT_ARGUMENTS
+    __signature__ = ConstructorSignature()
     prompt_state: Optional[PromptState] = None
     prompt_members: tuple[str, ...] = ()  # attributes that belong to the prompt system (see prompt_parameter_names)
     prompt_width: Optional[int] = None  # composed prompt width P; None until build_prompt_system (use_prompt=False)
     _fixed_prompt: Optional[torch.Tensor] = None  # set inside fixed_prompt()
     _stop_after_prompt = False  # set inside compute_prompt()
 
-    def build_prompt_system(self, stem_channels: int, deep_channels: int, task: PoolSpec,
-                            domain: Optional[PoolSpec], value_num_tokens: int,
-                            composition: str = 'cross_attention', lean: bool = False, literal: bool = False) -> int:
-        """Create the prompt modules; returns the width of the composed prompt the blocks receive.
+    def configure_prompt(self, prompt: Mapping[str, Any], lean: bool = False,
+                         literal: bool = False) -> Optional[PromptConfig]:
+        """The validated config of the constructor's ``**prompt`` arguments over this class's ``prompt_arguments``
+        (None for ``use_prompt: false``); an argument the class does not take is a ``TypeError``, as in any call."""
+        unknown = [name for name in prompt if name not in self.prompt_arguments]
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword argument '{unknown[0]}'")
+        return PromptConfig.from_arguments({**self.prompt_arguments, **prompt}, lean, literal)
+
+    def build_prompt_system(self, stem_channels: int, deep_channels: int, config: PromptConfig) -> None:
+        """Create the prompt modules of ``config``.
 
         The domain query reads the stem features (``stem_channels``), the task query the deepest encoder
-        features (``deep_channels``). ``domain=None`` gives the task-pool-only system.
+        features (``deep_channels``). ``config.domain=None`` gives the task-pool-only system.
         """
-        self.composition = composition if domain is not None else None
+        task, domain, tokens = config.task, config.domain, config.value_num_tokens
+        self.composition = config.composition if domain is not None else None
         if domain is not None:
-            check_composition(composition, domain.dim, task.dim)
-            self.domain_prompt_pool = PromptPool(domain.size, domain.dim, domain.top_k, value_num_tokens)
-        self.degradation_prompt_pool = PromptPool(task.size, task.dim, task.top_k, value_num_tokens)
+            self.domain_prompt_pool = PromptPool(domain.size, domain.dim, domain.top_k, tokens)
+        self.degradation_prompt_pool = PromptPool(task.size, task.dim, task.top_k, tokens)
         if domain is not None:
             self.domain_mapper = PoolQuery(stem_channels, domain.dim, DOMAIN_QUERY_GRID)
         self.degradation_mapper = PoolQuery(deep_channels, task.dim, TASK_QUERY_GRID)
-        if domain is not None and composition == 'cross_attention':
-            self.prompt_cross_attention = SingleKeyAttention(domain.dim, lean=lean, literal=literal)
+        if self.composition == 'cross_attention':
+            self.prompt_cross_attention = SingleKeyAttention(domain.dim, lean=config.lean, literal=config.literal)
             self.prompt_fusion_norm = nn.LayerNorm(domain.dim)
             self.prompt_fusion_ffn = feed_forward(domain.dim)
         self.prompt_members = tuple(name for name in PROMPT_MODULES if hasattr(self, name))
-        self.prompt_width = task.dim if domain is None else composed_dim(domain.dim, task.dim, composition)
-        return self.prompt_width
+        self.prompt_width = config.width
+
+    def block_prompt(self, stem: torch.Tensor, deep: torch.Tensor) -> Optional[torch.Tensor]:
+        """The prompt ``[B, P]`` for the blocks (:meth:`compose_prompt`), or None when the network was built
+        without its prompt system (``use_prompt: false``)."""
+        return None if self.prompt_width is None else self.compose_prompt(stem, deep)
 
     def compose_prompt(self, stem: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
         """stem ``[B, Cs, H, W]``, deep ``[B, Cd, h, w]`` -> domain-aware task prompt ``[B, P]``.

@@ -1,10 +1,10 @@
 """Loader throughput on MD-Mini: samples/s of BasicSR's own training loader over our dataset, disk PNG vs LMDB.
 
-    python -m datprl_arch.data.throughput [--root datasets/md_mini] [--batches 30]
+    python -m datprl_arch.throughput [--root datasets/md_mini] [--batches 30]
 
 Each row runs BasicSR's ``EnlargedSampler`` + ``build_dataloader`` with the MD-Mini training sources (balanced
 batches, ``gt_size`` crops, LQ synthesised per crop) and times ``batches`` batches after one warm-up batch (worker
-start-up excluded), best of :data:`REPEATS` rounds.
+start-up excluded), best of :data:`REPEATS` rounds. ``python -m datprl_arch.bench --data`` prints the same table.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import copy
 import gc
 import logging
 import os.path as osp
+import sys
 import time
 from typing import Optional, Sequence
 
@@ -82,13 +83,11 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import sys
-
     from basicsr.utils import get_root_logger
 
-    from ..mdmini import DEFAULT_OUT, build
+    from .mdmini import DEFAULT_OUT, build
 
-    parser = argparse.ArgumentParser(prog='python -m datprl_arch.data.throughput', description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(prog='python -m datprl_arch.throughput', description=__doc__.split('\n\n')[0])
     parser.add_argument('--root', default=DEFAULT_OUT, help='MD-Mini folder (built if missing)')
     parser.add_argument('--batches', type=int, default=30, help='timed batches per row')
     args = parser.parse_args(argv)
@@ -99,5 +98,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    import datprl_arch  # noqa: F401  (basicsr compatibility before any basicsr import)
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Tiny synthetic paired folders for tests and examples (smooth random images, LQ = noisy / downscaled GT)."""
+"""Tiny synthetic paired folders for the tests (smooth random images, LQ = noisy / downscaled GT)."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ import os.path as osp
 import cv2
 import numpy as np
 
-from .image_io import DTYPE_RANGE
+from datprl_arch.data.image_io import DTYPE_RANGE
 
 
 def random_image(rng: np.random.Generator, h: int, w: int, channels: int, bit_depth: int) -> np.ndarray:

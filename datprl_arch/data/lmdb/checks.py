@@ -9,27 +9,17 @@ What is checked before anything is read through the memory map (:func:`check_siz
 pages its meta page records is truncated, and reading it would kill the process with SIGBUS. Then every key listed in
 ``meta_info.txt`` must be stored, and every value must start with a decodable image header of the listed size
 (:func:`inspect_lmdb`; with ``verify``, every PNG chunk checksum too). Every error names the database and the key.
-
-``make_lmdb`` writes :data:`BUILD_FILE` into each database it builds: the build's id, a digest of its content and,
-for a GT/LQ pair, the digest of the partner it was built with, so a dataset can tell a GT and an LQ database of
-different builds apart (:func:`read_build_record`).
 """
 from __future__ import annotations
 
-import json
 import os
 import os.path as osp
 from typing import Mapping, Optional
 
 import lmdb
 
-from ..errors import DatprlError
-from .image_io import ImageDecodeError, ImageFormat, header_format, verify_png
-
-#: File inside a database written by make_lmdb that identifies its build (BasicSR ignores it).
-BUILD_FILE = 'datprl_build.json'
-#: ``format`` entry of a build record.
-BUILD_FORMAT = 'datprl-lmdb-build'
+from ...errors import DatprlError
+from ..image_io import ImageDecodeError, ImageFormat, header_format, verify_png
 
 
 class LmdbError(DatprlError, ValueError):
@@ -54,6 +44,16 @@ def check_size(path: str, env: lmdb.Environment) -> None:
                         'python -m datprl_arch.tools.make_lmdb.')
 
 
+def _size_checked(path: str, env: lmdb.Environment) -> lmdb.Environment:
+    """``env`` after :func:`check_size`; closed again when the check fails."""
+    try:
+        check_size(path, env)
+    except BaseException:
+        env.close()
+        raise
+    return env
+
+
 def open_checked(path: str, **options) -> lmdb.Environment:
     """``lmdb.open(path, **options)`` followed by :func:`check_size`; any failure is an :class:`LmdbError`."""
     if osp.isfile(data_file(path)) and os.path.getsize(data_file(path)) == 0:
@@ -63,12 +63,7 @@ def open_checked(path: str, **options) -> lmdb.Environment:
         env = lmdb.open(path, **options)
     except lmdb.Error as err:
         raise LmdbError(f'LMDB {path} cannot be opened ({err}); is data.mdb complete?') from None
-    try:
-        check_size(path, env)
-    except BaseException:
-        env.close()
-        raise
-    return env
+    return _size_checked(path, env)
 
 
 def damaged(path: str, err: Exception, key: Optional[str] = None) -> LmdbError:
@@ -118,12 +113,7 @@ def inspect_lmdb(path: str, meta: Mapping[str, tuple], verify: bool = False
         get = lambda key: client.get(key, 'check')  # noqa: E731
         close = lambda: None  # noqa: E731
     else:
-        try:
-            check_size(path, env)
-        except BaseException:
-            env.close()
-            raise
-        txn = env.begin(write=False, buffers=True)
+        txn = _size_checked(path, env).begin(write=False, buffers=True)
         get = lambda key: txn.get(key.encode('ascii'))  # noqa: E731
 
         def close():
@@ -145,16 +135,3 @@ def inspect_lmdb(path: str, meta: Mapping[str, tuple], verify: bool = False
     finally:
         close()
     return missing, formats, problems
-
-
-def read_build_record(path: str) -> Optional[dict]:
-    """The build record make_lmdb wrote into the database at ``path`` (see the module docstring), or None."""
-    record_path = osp.join(path, BUILD_FILE)
-    if not osp.isfile(record_path):
-        return None
-    try:
-        with open(record_path, encoding='utf-8') as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and record.get('format') == BUILD_FORMAT else None
