@@ -17,6 +17,7 @@ from datprl_arch.data.lmdb.meta import read_lmdb_meta
 from datprl_arch.mdmini import split as mdmini_split
 from datprl_arch.mdmini.build import DEFAULT_LIMIT, remove_stale_builds
 from datprl_arch.mdmini.split import HELD_OUT_IMAGES
+from datprl_arch.mdmini.tasks import CLEAN_WEIGHT
 
 EVERY = mdmini.TASKS + mdmini.CLEAN_TASKS
 
@@ -121,11 +122,14 @@ def test_option_fragments_build_through_basicsr(built):
                                        for k in ('train', 'test', 'unseen'))
     assert sorted(test_opt) == sorted(f'test_{t.name}' for t in mdmini.TASKS)
     assert 'test_unseen_natural_clean' in unseen_opt and 'test_unseen_medical_ct_denoise' not in unseen_opt
-    opt = dict(train_opt['train'], phase='train', batch_size_per_gpu=12, num_worker_per_gpu=0, sampling_seed=0)
+    shares = len(mdmini.TASKS) + len(mdmini.CLEAN_TASKS) * CLEAN_WEIGHT  # twice the weight total: every source
+    opt = dict(train_opt['train'], phase='train', batch_size_per_gpu=int(2 * shares), num_worker_per_gpu=0,
+               sampling_seed=0)
     ds = build_dataset(opt)
     batch = next(iter(build_dataloader(ds, opt, num_gpu=0, sampler=EnlargedSampler(ds, 1, 0, 1), seed=0)))
     assert set(batch['source'].tolist()) >= set(range(9))  # every degraded source in each batch
-    assert batch['lq'].shape == (12, 3, opt['gt_size'], opt['gt_size']) and torch.isfinite(batch['lq']).all()
+    assert batch['lq'].shape == (opt['batch_size_per_gpu'], 3, opt['gt_size'], opt['gt_size'])
+    assert torch.isfinite(batch['lq']).all()
     clean = [i for i, name in enumerate(batch['source_name']) if name.endswith('_clean')]
     degraded = [i for i, name in enumerate(batch['source_name']) if not name.endswith('_clean')]
     assert all(torch.equal(batch['lq'][i], batch['gt'][i]) for i in clean)

@@ -29,7 +29,7 @@ class Task:
 
 
 #: Training share of a clean source (its input is its target) relative to a degraded source.
-CLEAN_WEIGHT = 0.5
+CLEAN_WEIGHT = 2.0
 _SR_TRAIN = {'kernel': ['bicubic', 'bicubic', 'area', 'bilinear']}
 
 TASKS = (
