@@ -35,7 +35,7 @@ from .split import HELD_OUT_IMAGES, SPLITS, Block, blocks, held_out_side, limit_
 from .tasks import CLEAN_TASKS, CLEAN_WEIGHT, DOMAIN_WORDS, DOMAINS, POOL_DOMAIN, TASKS, Task
 
 #: Bump when the generated content changes, so older builds are not reused.
-FORMAT_VERSION = 7
+FORMAT_VERSION = 8
 DEFAULT_OUT = osp.join('datasets', 'md_mini')
 #: Training blocks kept per pool (a seeded choice among them).
 DEFAULT_LIMIT = 128
