@@ -1,7 +1,7 @@
 # Two commands on a fresh clone (Python 3.11; torch is pinned):
 #   make demo   install once, build MD-Mini, train DATPRL on its 9 tasks (CPU: a few minutes), then benchmark
 #               it against the degraded inputs on the 9 test sets and on the unseen check
-#   make test   install once, then run the test suite (all of it, what CI runs)
+#   make test   install once, lint, then run the test suite (all of it: exactly what .ci/run runs)
 # Also: make demo-ablation (prompt-free backbone, task pool only, full DATPRL; 3 seeds each at the demo's budget),
 #       make test-fast (the suite without the slow end-to-end subprocess tests, for the edit loop),
 #       make lint (flake8 and isort at 120 columns, configured in setup.cfg).
@@ -42,7 +42,7 @@ demo: $(MD_MINI)/texts.pt
 demo-ablation: $(MD_MINI)/texts.pt
 	$(PY) -m datprl_arch.ablation
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
