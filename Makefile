@@ -27,8 +27,10 @@ $(STAMP): setup.py $(wildcard requirements/*.txt)
 	$(PIP) install --no-build-isolation --no-deps -e .
 	touch $@
 
+# --overwrite replaces only an earlier MD-Mini build (one of another format after an update); a finished build with
+# the same settings is reused, and a folder holding anything else is refused (datasets/README.md)
 $(MD_MINI)/manifest.json: $(STAMP)
-	$(PY) -m datprl_arch.mdmini --out $(MD_MINI)
+	$(PY) -m datprl_arch.mdmini --out $(MD_MINI) --overwrite
 
 # template descriptions encoded by the deterministic stand-in encoder (docs/method.md: CLIP RN50 for real training)
 $(MD_MINI)/texts.pt: $(MD_MINI)/manifest.json
