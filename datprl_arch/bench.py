@@ -193,8 +193,9 @@ def main(argv=None) -> None:
         parser.error('--device cuda: no CUDA device is visible')
     if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
         parser.error(f'--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) are visible')
-    if device.type == 'cpu' and args.amp != 'none' and amp_problem(device, args.amp):
-        parser.error(f'--amp {args.amp}: {amp_problem(device, args.amp)}')
+    problem = amp_problem(device, args.amp) if device.type == 'cpu' and args.amp != 'none' else None
+    if problem:
+        parser.error(f'--amp {args.amp}: {problem}')
     notice = bf16_notice(device) if args.amp == 'bf16' else None
 
     if args.data:

@@ -340,8 +340,9 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
     checkpoints = [osp.expanduser(c) for c in checkpoints]
     infos = _inspect_checkpoints(checkpoints, opt.get('network_g'), option_file)
     device = resolve_device(device)
-    if amp is not None and amp_problem(torch.device(device), amp):
-        raise BenchmarkError(f'--amp {amp}: {amp_problem(torch.device(device), amp)}')
+    problem = amp_problem(torch.device(device), amp) if amp is not None else None
+    if problem:
+        raise BenchmarkError(f'--amp {amp}: {problem}')
     amp_context = autocast(torch.device(device), AMP_DTYPES[amp] if amp else None)
     results_dir = osp.join(root or os.getcwd(), 'results', name)
     os.makedirs(results_dir, exist_ok=True)
