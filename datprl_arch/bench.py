@@ -4,7 +4,8 @@ Prints up to three tables:
 
 1. for the 6-task, CDD11 and prompt-free configurations: parameters, GFLOPs, eval time (1x3x256x256), train step
    time (forward + backward, 4x3x128x128) and peak memory, for our network and for the literal implementation of
-   the official computation (``literal=True``) at the same weights;
+   the official computation (``literal=True``) at the same weights (``--impls ... datprl-checkpoint``: with
+   gradient checkpointing of the transformer blocks, for the training memory it saves);
 2. the speed-up over the official computation at the sizes of the method spec (eval 1x3x128x128, train 2x3x64x64);
 3. with ``--data``: training-loader throughput on MD-Mini (disk PNG vs LMDB, 0/1/2 workers; built if missing).
 
@@ -39,7 +40,9 @@ CONFIGS = {
     'cdd11': CDD11,
     'prompt-free': dict(SIX_TASK, use_prompt=False),
 }
-IMPLS = {'official': dict(literal=True), 'datprl': {}, 'datprl-lean': dict(lean=True)}
+#: ``datprl-checkpoint``: gradient checkpointing of the transformer blocks (``use_checkpoint``), for its peak memory.
+IMPLS = {'official': dict(literal=True), 'datprl': {}, 'datprl-lean': dict(lean=True),
+         'datprl-checkpoint': dict(use_checkpoint=True)}
 AMP_CHOICES = {'none': None, **AMP_DTYPES}
 MIB = 2**20
 NATIVE_BF16_CAPABILITY = 8  # CUDA compute capability from which bf16 runs natively (Ampere); V100/T4 emulate it

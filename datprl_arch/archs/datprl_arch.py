@@ -15,7 +15,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 
 from ..utils.registry import register
 from .padding import check_pad_mode, check_pad_multiple
-from .prompt import TASK_POOL_ARGUMENTS, PromptSystem
+from .prompt import TASK_POOL_ARGUMENTS, PromptSystem, set_checkpointing
 from .restormer_arch import RESTORMER_PAD, PatchEmbed, RestormerUNet
 
 DEFAULT_DIM = 48
@@ -34,6 +34,8 @@ class DATPRLRestormer(PromptSystem, RestormerUNet):
         lean: do not allocate the parameters that cannot affect the output (9.1M in the 6-task model); official
             checkpoints still load (the dead weights are dropped). For new training.
         literal: compute exactly as the official code (per-pixel fusion, token-reshaping norms): a benchmark baseline.
+        use_checkpoint: gradient checkpointing of every transformer block (the name SwinIR uses): activations are
+            recomputed in the backward pass instead of stored, for full-size crops at large batches; same results.
         pad_mode: padding to ``pad_multiple``, 'constant' (official, zeros), 'reflect' or 'replicate'.
         pad_multiple: the input is padded to a multiple of this (8, as the official network; the official natural
             3-/5-task test reflect-pads to 32).
@@ -51,7 +53,8 @@ class DATPRLRestormer(PromptSystem, RestormerUNet):
                  dec_blk_nums: Sequence[int] = (6, 6, 4), refine_blk_num: int = 4,
                  heads: Sequence[int] = (1, 2, 4, 8), ffn_expansion_factor: float = 2.66, bias: bool = False,
                  LayerNorm_type: str = 'WithBias', lean: bool = False, literal: bool = False,  # noqa: N803
-                 pad_mode: str = 'constant', pad_multiple: int = RESTORMER_PAD, **prompt):
+                 pad_mode: str = 'constant', pad_multiple: int = RESTORMER_PAD, use_checkpoint: bool = False,
+                 **prompt):
         super().__init__()
         config = self.configure_prompt(prompt, lean, literal)  # validated before any layer is built
         self.pad_mode = check_pad_mode(pad_mode)
@@ -65,6 +68,7 @@ class DATPRLRestormer(PromptSystem, RestormerUNet):
         self.build_decoder(c, middle_blk_num, dec_blk_nums, refine_blk_num, heads, config, **blocks)
         if config is not None:
             self.build_prompt_system(c, c * 8, config)
+        set_checkpointing(self, use_checkpoint)
 
 
 @register(ARCH_REGISTRY, aliases=('DualPromptRestormerv3_only_task_prompt',))

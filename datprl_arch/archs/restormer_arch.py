@@ -17,7 +17,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 
 from ..utils.registry import register
 from .padding import pad_to_multiple
-from .prompt import BlockStack, PromptConfig, PromptedBlock
+from .prompt import BlockStack, PromptConfig, PromptedBlock, set_checkpointing
 
 NORM_EPS = 1e-5
 LAYER_NORM_TYPES = ('WithBias', 'BiasFree')
@@ -257,7 +257,8 @@ class PaddedRestormer(RestormerUNet):
     def __init__(self, inp_channels: int = 3, out_channels: int = 3, dim: int = 48,
                  num_blocks: Sequence[int] = (4, 6, 6, 8), num_refinement_blocks: int = 4,
                  heads: Sequence[int] = (1, 2, 4, 8), ffn_expansion_factor: float = 2.66, bias: bool = False,
-                 LayerNorm_type: str = 'WithBias', dual_pixel_task: bool = False, literal: bool = False):  # noqa: N803
+                 LayerNorm_type: str = 'WithBias', dual_pixel_task: bool = False, literal: bool = False,  # noqa: N803
+                 use_checkpoint: bool = False):
         super().__init__()
         args = dict(ffn_expansion_factor=ffn_expansion_factor, bias=bias, layer_norm_type=LayerNorm_type,
                     literal=literal)
@@ -268,6 +269,7 @@ class PaddedRestormer(RestormerUNet):
         if dual_pixel_task:
             self.skip_conv = nn.Conv2d(dim, dim * 2, 1, bias=bias)
         self.output = nn.Conv2d(dim * 2, out_channels, 3, padding=1, bias=bias)
+        set_checkpointing(self, use_checkpoint)
 
     def project_out(self, y: torch.Tensor, stem: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
         """With ``dual_pixel_task``: ``output(y + skip_conv(stem))``, no global residual."""

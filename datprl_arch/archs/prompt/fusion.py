@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 if TYPE_CHECKING:
     from .config import PromptConfig
@@ -136,9 +137,25 @@ class PromptedBlock(nn.Module):
 
 class BlockStack(nn.ModuleList):
     """Blocks applied in order, each given the same prompt (None for plain blocks); keys ``<i>.<block key>``, as an
-    ``nn.Sequential`` would have them (the official stacks)."""
+    ``nn.Sequential`` would have them (the official stacks).
+
+    ``use_checkpoint`` (set by :func:`set_checkpointing`): with gradients on, each block's activations are not kept
+    for the backward pass but recomputed there (``torch.utils.checkpoint``), trading about one more forward for
+    memory. The outputs and gradients are the same.
+    """
+
+    use_checkpoint = False
 
     def forward(self, x: torch.Tensor, prompt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        recompute = self.use_checkpoint and torch.is_grad_enabled()
         for block in self:
-            x = block(x, prompt)
+            x = checkpoint(block, x, prompt, use_reentrant=False) if recompute else block(x, prompt)
         return x
+
+
+def set_checkpointing(net: nn.Module, enabled: bool) -> None:
+    """Turn gradient checkpointing of every :class:`BlockStack` in ``net`` on or off (``use_checkpoint`` of the
+    network options)."""
+    for module in net.modules():
+        if isinstance(module, BlockStack):
+            module.use_checkpoint = bool(enabled)
