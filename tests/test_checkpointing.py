@@ -6,6 +6,7 @@ import torch
 import datprl_arch  # noqa: F401  (registers the networks)
 from basicsr.archs import build_network
 from datprl_arch.archs.prompt import BlockStack
+
 from networks import TINY, TINY_BACKBONE
 
 NETWORKS = {'DATPRLRestormer': TINY,
