@@ -7,11 +7,10 @@ import datprl_arch  # noqa: F401  (registers the networks)
 from basicsr.archs import build_network
 from datprl_arch.archs.prompt import BlockStack
 
-from networks import TINY, TINY_BACKBONE
+from networks import TINY
 
 NETWORKS = {'DATPRLRestormer': TINY,
             'Restormer': dict(type='Restormer', dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1)}
-assert TINY_BACKBONE['dim'] == NETWORKS['Restormer']['dim']
 
 
 def _forward_backward(opt: dict, use_checkpoint: bool, x: torch.Tensor):
