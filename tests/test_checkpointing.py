@@ -13,12 +13,18 @@ NETWORKS = {'DATPRLRestormer': TINY,
             'Restormer': dict(type='Restormer', dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1)}
 
 
+def _count_first_block_calls(net) -> list:
+    """A list that grows by one each time the first transformer block runs (a pre-hook: a recomputation stops
+    early, before forward hooks fire)."""
+    calls = []
+    next(m for m in net.modules() if isinstance(m, BlockStack))[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
 def _forward_backward(opt: dict, use_checkpoint: bool, x: torch.Tensor):
     torch.manual_seed(0)
     net = build_network(dict(opt, use_checkpoint=use_checkpoint))
-    calls = []
-    first_block = next(m for m in net.modules() if isinstance(m, BlockStack))[0]
-    first_block.register_forward_pre_hook(lambda *_: calls.append(1))
+    calls = _count_first_block_calls(net)
     out = net(x)
     out.square().mean().backward()
     grads = {name: p.grad.clone() for name, p in net.named_parameters() if p.grad is not None}
@@ -40,8 +46,7 @@ def test_checkpointing_gives_the_same_outputs_and_gradients(name):
 
 def test_checkpointing_is_off_by_default_and_idle_without_gradients():
     net = build_network(dict(TINY, use_checkpoint=True))
-    calls = []
-    next(m for m in net.modules() if isinstance(m, BlockStack))[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    calls = _count_first_block_calls(net)
     with torch.no_grad():
         net(torch.rand(1, 3, 16, 16))
     assert calls == [1]
