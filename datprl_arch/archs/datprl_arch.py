@@ -67,7 +67,7 @@ class DATPRLRestormer(PromptSystem, RestormerUNet):
         self.build_encoder(c, enc_blk_nums, heads, **blocks)
         self.build_decoder(c, middle_blk_num, dec_blk_nums, refine_blk_num, heads, config, **blocks)
         if config is not None:
-            self.build_prompt_system(c, c * 8, config)
+            self.build_prompt_system({'domain': c, 'task': c * 8}, config)
         set_checkpointing(self, use_checkpoint)
 
 

@@ -111,7 +111,7 @@ class DATPRLNAFNet(PromptSystem):
             chan //= 2
             self.decoders.append(BlockStack(NAFBlock(chan, literal=literal, prompt=config) for _ in range(num)))
         if config is not None:
-            self.build_prompt_system(width, width * 2**len(enc_blk_nums), config)
+            self.build_prompt_system({'domain': width, 'task': width * 2**len(enc_blk_nums)}, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[B, C, H, W]`` -> restored ``[B, C, H, W]`` for any H, W."""
@@ -123,7 +123,7 @@ class DATPRLNAFNet(PromptSystem):
             y = encoder(y)
             skips.append(y)
             y = down(y)
-        prompt = self.block_prompt(stem, y)
+        prompt = self.block_prompt({'domain': stem, 'task': y})
         y = self.middle_blks(y, prompt)
         for decoder, up, skip in zip(self.decoders, self.ups, reversed(skips)):
             y = decoder(up(y) + skip, prompt)

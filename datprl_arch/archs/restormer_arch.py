@@ -228,7 +228,7 @@ class RestormerUNet(nn.Module):
         y = self.decoder_level1(torch.cat([self.up2_1(y), out1], 1), prompt)
         return self.refinement(y, prompt)
 
-    def block_prompt(self, stem: torch.Tensor, deep: torch.Tensor) -> Optional[torch.Tensor]:
+    def block_prompt(self, features: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
         """The prompt of the decoder blocks; the plain U-Net has none."""
         return None
 
@@ -242,7 +242,7 @@ class RestormerUNet(nn.Module):
         padded = pad_to_multiple(x, self.pad_multiple, self.pad_mode)
         stem = self.patch_embed(padded)
         skips, deep = self.encode(stem)
-        y = self.decode(deep, skips, self.block_prompt(stem, deep))
+        y = self.decode(deep, skips, self.block_prompt({'domain': stem, 'task': deep}))
         return self.project_out(y, stem, padded)[..., :h, :w]
 
 

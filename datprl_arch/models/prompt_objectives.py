@@ -44,8 +44,8 @@ ALIGNMENT_TARGETS = ('domain_prompt', 'domain_query', 'prompt')
 
 
 def _pools(net: nn.Module) -> 'OrderedDict[str, nn.Module]':
-    return OrderedDict((name, getattr(net, attr)) for name, attr in
-                       (('task', 'degradation_prompt_pool'), ('domain', 'domain_prompt_pool')) if hasattr(net, attr))
+    """The network's prompt pools by role (``PromptSystem.prompt_pools``); none for a network without prompts."""
+    return net.prompt_pools() if hasattr(net, 'prompt_pools') else OrderedDict()
 
 
 def _train_source_names(opt: dict) -> list[str]:
@@ -103,7 +103,7 @@ class PromptObjectives(nn.Module):
     def _representation_width(net: nn.Module, target: str) -> int:
         if target == 'prompt':
             return net.prompt_width
-        return net.domain_prompt_pool.prompt_keys.shape[1]
+        return _pools(net)['domain'].prompt_keys.shape[1]
 
     # ------------------------------------------------------------ per step
     def forward(self, net: nn.Module, labels: dict, gt_paths: Sequence[str],

@@ -1,10 +1,13 @@
 """Pool queries: a small convolutional network from a feature map ``[B, C, H, W]`` to a query vector ``[B, D]``."""
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from torch import nn
 
-DOMAIN_QUERY_GRID = (8, 4)  # pooled grid sizes before the two convolutions: the domain query looks at the stem
-TASK_QUERY_GRID = (4, 2)  # the task query looks at the deepest encoder features
+#: Pooled grid sizes before each query's two convolutions, by tap: the domain query looks at (large) stem features,
+#: the task query at (small) deep features.
+QUERY_GRIDS = MappingProxyType({'domain': (8, 4), 'task': (4, 2)})
 
 
 class PoolQuery(nn.Module):
@@ -22,4 +25,5 @@ class PoolQuery(nn.Module):
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(quarter, query_dim))
 
     def forward(self, features):
+        """features ``[B, C, H, W]`` -> query ``[B, D]``."""
         return self.mapper(features)

@@ -1,19 +1,29 @@
 """The prompt system of a DATPRL network: queries, the two pools and their composition, independent of the backbone.
 
-A backbone network mixes in ``PromptSystem`` and takes its prompt arguments (official names, ``prompt_arguments``)
-as ``**prompt``. Its constructor first turns them into a validated :class:`PromptConfig` (``configure_prompt``), builds
-its own layers (prompted blocks from the config), then calls ``build_prompt_system`` (so the prompt parameters follow
-the backbone's in the state_dict, as in official checkpoints). In ``forward`` it calls ``block_prompt(stem, deep)``
-once and hands the returned prompt (None for the prompt-free backbone) to every prompted block. The last retrieval is
-kept in ``prompt_state`` for the prompt-pool losses and analysis, so the BasicSR ``forward(x)`` signature is unchanged.
+The system reads named feature taps: ``domain`` (the domain query's input; our networks: the stem features) and
+``task`` (the task query's input; our networks: the deepest encoder features), each a map ``[B, C, H, W]``. It is
+used two ways:
+
+- mixed into a network (our DATPRL networks, official parameter names at the top level of the state_dict). The
+  constructor turns its prompt arguments (official names, ``prompt_arguments``) into a validated
+  :class:`PromptConfig` (``configure_prompt``), builds its own layers (prompted blocks from the config), then calls
+  ``build_prompt_system`` (so the prompt parameters follow the backbone's, as in official checkpoints). Its
+  ``forward`` calls ``block_prompt({'domain': stem, 'task': deep})`` once and hands the prompt (None for the
+  prompt-free backbone) to every prompted block;
+- hosting another network (``PromptedBackbone``), whose forward hooks hand the tapped features to
+  ``compose_prompt`` and the prompt to standalone gated fusions.
+
+The last retrieval is kept in ``prompt_state`` for the prompt-pool losses and analysis, so the BasicSR ``forward(x)``
+signature is unchanged; ``prompt_pools()`` and ``prompt_width`` are what the rest of the package reads.
 
 For inference on parts of an image (tiles), ``compute_prompt(x)`` returns the prompt of a whole image without
-running the decoder, and ``with net.fixed_prompt(prompt): net(tile)`` makes every forward in the block use that
-prompt instead of retrieving one from its own input; outside the block nothing changes.
+running the rest of the network, and ``with net.fixed_prompt(prompt): net(tile)`` makes every forward in the block
+use that prompt instead of retrieving one from its own input; outside the block nothing changes.
 """
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional
@@ -24,8 +34,9 @@ from torch import nn
 from .compose import SingleKeyAttention, feed_forward
 from .config import PROMPT_ARGUMENTS, PromptConfig
 from .pool import PoolOutput, PromptPool
-from .query import DOMAIN_QUERY_GRID, TASK_QUERY_GRID, PoolQuery
+from .query import QUERY_GRIDS, PoolQuery
 
+TAPS = ('domain', 'task')  # the feature taps the queries read
 PROMPT_MODULES = ('domain_prompt_pool', 'degradation_prompt_pool', 'domain_mapper', 'degradation_mapper',
                   'prompt_cross_attention', 'prompt_fusion_norm', 'prompt_fusion_ffn')
 
@@ -102,20 +113,23 @@ class PromptSystem(nn.Module):
             raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword argument '{unknown[0]}'")
         return PromptConfig.from_arguments({**self.prompt_arguments, **prompt}, lean, literal)
 
-    def build_prompt_system(self, stem_channels: int, deep_channels: int, config: PromptConfig) -> None:
+    def build_prompt_system(self, tap_channels: Mapping[str, int], config: PromptConfig,
+                            query_grids: Optional[Mapping[str, tuple[int, int]]] = None) -> None:
         """Create the prompt modules of ``config``.
 
-        The domain query reads the stem features (``stem_channels``), the task query the deepest encoder
-        features (``deep_channels``). ``config.domain=None`` gives the task-pool-only system.
+        ``tap_channels``: the channels of the ``domain`` and ``task`` taps (``domain`` only with a domain pool);
+        ``query_grids``: each query's pooled grid sizes (default :data:`~.query.QUERY_GRIDS`).
+        ``config.domain=None`` gives the task-pool-only system.
         """
         task, domain, tokens = config.task, config.domain, config.value_num_tokens
+        grids = {**QUERY_GRIDS, **(query_grids or {})}
         self.composition = config.composition if domain is not None else None
         if domain is not None:
             self.domain_prompt_pool = PromptPool(domain.size, domain.dim, domain.top_k, tokens)
         self.degradation_prompt_pool = PromptPool(task.size, task.dim, task.top_k, tokens)
         if domain is not None:
-            self.domain_mapper = PoolQuery(stem_channels, domain.dim, DOMAIN_QUERY_GRID)
-        self.degradation_mapper = PoolQuery(deep_channels, task.dim, TASK_QUERY_GRID)
+            self.domain_mapper = PoolQuery(tap_channels['domain'], domain.dim, grids['domain'])
+        self.degradation_mapper = PoolQuery(tap_channels['task'], task.dim, grids['task'])
         if self.composition == 'cross_attention':
             self.prompt_cross_attention = SingleKeyAttention(domain.dim, lean=config.lean, literal=config.literal)
             self.prompt_fusion_norm = nn.LayerNorm(domain.dim)
@@ -123,30 +137,42 @@ class PromptSystem(nn.Module):
         self.prompt_members = tuple(name for name in PROMPT_MODULES if hasattr(self, name))
         self.prompt_width = config.width
 
-    def block_prompt(self, stem: torch.Tensor, deep: torch.Tensor) -> Optional[torch.Tensor]:
+    @property
+    def prompt_taps(self) -> tuple[str, ...]:
+        """The taps :meth:`compose_prompt` reads: ``('domain', 'task')``, or ``('task',)`` without a domain pool."""
+        return TAPS if self.composition is not None else TAPS[1:]
+
+    def prompt_pools(self) -> 'OrderedDict[str, PromptPool]':
+        """The prompt pools by role: ``task``, then ``domain`` where there is one (empty without prompts)."""
+        return OrderedDict((role, getattr(self, attr)) for role, attr in
+                           (('task', 'degradation_prompt_pool'), ('domain', 'domain_prompt_pool'))
+                           if isinstance(getattr(self, attr, None), PromptPool))
+
+    def block_prompt(self, features: Mapping[str, torch.Tensor]) -> Optional[torch.Tensor]:
         """The prompt ``[B, P]`` for the blocks (:meth:`compose_prompt`), or None when the network was built
         without its prompt system (``use_prompt: false``)."""
-        return None if self.prompt_width is None else self.compose_prompt(stem, deep)
+        return None if self.prompt_width is None else self.compose_prompt(features)
 
-    def compose_prompt(self, stem: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
-        """stem ``[B, Cs, H, W]``, deep ``[B, Cd, h, w]`` -> domain-aware task prompt ``[B, P]``.
+    def compose_prompt(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Tapped features ``{'domain': [B, Cd, H, W], 'task': [B, Ct, h, w]}`` -> domain-aware task prompt
+        ``[B, P]``.
 
         Inside :meth:`fixed_prompt` the given prompt is returned (``prompt_state`` is left as it was)."""
         if self._fixed_prompt is not None and not self._stop_after_prompt:
-            return self._fixed_prompt.expand(stem.shape[0], -1)
-        prompt = self._retrieve_prompt(stem, deep)
+            return self._fixed_prompt.expand(features['task'].shape[0], -1)
+        prompt = self._retrieve_prompt(features)
         if self._stop_after_prompt:
             raise _PromptComposed
         return prompt
 
-    def _retrieve_prompt(self, stem: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
+    def _retrieve_prompt(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Queries, both pools and their composition; records ``prompt_state``; returns the prompt ``[B, P]``."""
-        task_query = self.degradation_mapper(deep)
+        task_query = self.degradation_mapper(features['task'])
         task = self.degradation_prompt_pool(task_query)
         if self.composition is None:
             self.prompt_state = PromptState(task_query, task, task.prompt)
             return task.prompt
-        domain_query = self.domain_mapper(stem)
+        domain_query = self.domain_mapper(features['domain'])
         domain = self.domain_prompt_pool(domain_query)
         if self.composition == 'concat':
             prompt = torch.cat([domain.prompt, task.prompt], dim=-1)
@@ -162,7 +188,7 @@ class PromptSystem(nn.Module):
 
     def compute_prompt(self, x: torch.Tensor) -> torch.Tensor:
         """Image ``[B, C, H, W]`` -> the prompt ``[B, P]`` that ``forward(x)`` composes, also left in
-        ``prompt_state``. The forward stops right after the retrieval: the decoder is not run."""
+        ``prompt_state``. The forward stops right after the retrieval: the rest of the network is not run."""
         self._check_has_prompts()
         self._stop_after_prompt = True
         try:
