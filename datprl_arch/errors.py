@@ -13,3 +13,7 @@ class DatprlError(Exception):
 
 class MissingFileError(DatprlError, FileNotFoundError):
     """A file that an option names does not exist (also a ``FileNotFoundError``)."""
+
+
+class NetworkOptionError(DatprlError, ValueError):
+    """A network's options do not fit it: a backbone module name, tap, pool size... (also a ``ValueError``)."""

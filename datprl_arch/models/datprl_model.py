@@ -4,7 +4,9 @@ Registered as ``DATPRLModel`` and under the official names ``ALLINONEModel`` and
 the official 6-task option file names but the release lacks). It is BasicSR's SRModel plus:
 
 - every key of the official ``train:`` section (see ``TRAIN_KEYS``); an unknown key is an error listing them;
-- checkpoint loading for BasicSR, Lightning, plain and safetensors files;
+- checkpoint loading for BasicSR, Lightning, plain and safetensors files; ``path.pretrain_network_backbone`` (and
+  ``param_key_backbone``) loads a plain backbone checkpoint into a ``PromptedBackbone`` (strict for the backbone's
+  keys, fresh prompts) before ``pretrain_network_g``, which still loads the whole network;
 - parameter groups (``prompt_lr``), the common optimizers and schedulers, freezing named parts, ``use_amp``
   (bf16/fp16 autocast on CUDA, bf16 on CPUs with native bf16, else fp32 with a notice), ``grad_clip``, opt-in
   ``compile``;
@@ -47,6 +49,7 @@ from .optim import build_optimizer, build_scheduler, parameter_groups, resolve_p
 from .prompt_objectives import OBJECTIVE_KEYS, PromptObjectives
 from .reporting import ValidationReport, write_result_image
 
+BACKBONE_PATH_KEY = 'pretrain_network_backbone'
 BASICSR_TRAIN_KEYS = ('ema_decay', 'optim_g', 'scheduler', 'total_iter', 'warmup_iter', 'pixel_opt', 'perceptual_opt')
 MODEL_TRAIN_KEYS = ('fft_opt', 'prompt_lr', 'use_amp', 'amp_dtype', 'grad_clip', 'freeze', 'compile',
                     'max_nonfinite_steps', 'enable_prompt_analysis', 'prompt_analysis_freq',
@@ -93,6 +96,7 @@ class DATPRLModel(SRModel):
             get_root_logger().warning(f"num_gpu: {self.opt['num_gpu']} without a launcher: testing on one GPU "
                                       f'({self.device}); several GPUs need torchrun.')
             self.opt['num_gpu'] = 1
+        self._load_backbone(net)
         if self.opt['is_train'] and self.opt.get('train'):
             frozen = dead_parameter_names(net) | resolve_parts(net, self.opt['train'].get('freeze') or ())
             for name, param in net.named_parameters():
@@ -102,6 +106,17 @@ class DATPRLModel(SRModel):
                 get_root_logger().info(f'Frozen parameters: {len(frozen)} tensors, '
                                        f'{sum(p.numel() for n, p in net.named_parameters() if n in frozen):,} values')
         return super().model_to_device(net)
+
+    def _load_backbone(self, net) -> None:
+        """``path.pretrain_network_backbone``: a plain backbone checkpoint into the wrapped network's backbone."""
+        path = (self.opt.get('path') or {}).get(BACKBONE_PATH_KEY)
+        if path is None:
+            return
+        if not hasattr(net, 'load_backbone'):
+            raise ValueError(f'path.{BACKBONE_PATH_KEY} loads a backbone into a PromptedBackbone; network_g is a '
+                             f'{type(net).__name__}: use path.pretrain_network_g')
+        get_root_logger().info(f'Loading the backbone of {type(net).__name__} from {path}')
+        net.load_backbone(path, self.opt['path'].get('param_key_backbone'))
 
     def init_training_settings(self):
         train_opt = self.opt['train']

@@ -104,6 +104,13 @@ class PromptSystem(nn.Module):
     _fixed_prompt: Optional[torch.Tensor] = None  # set inside fixed_prompt()
     _stop_after_prompt = False  # set inside compute_prompt()
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles (``copy.deepcopy``, as an EMA copy is made) leave the last retrieval behind: it holds
+        the activations of a forward, which cannot be deep-copied while they are part of an autograd graph."""
+        state = super().__getstate__()
+        state.pop('prompt_state', None)
+        return state
+
     def configure_prompt(self, prompt: Mapping[str, Any], lean: bool = False,
                          literal: bool = False) -> Optional[PromptConfig]:
         """The validated config of the constructor's ``**prompt`` arguments over this class's ``prompt_arguments``
