@@ -309,8 +309,9 @@ def _check_network(c: Checker, opt: Mapping) -> None:
 
     for key in [k for k in opt if isinstance(k, str) and k.startswith('network_')]:
         section = c.section(key, opt[key], 'type: <registered network>, and its arguments')
-        if section is not None:
-            c.typed(key, section, ARCH_REGISTRY, 'network')
+        if section is not None and c.typed(key, section, ARCH_REGISTRY, 'network') is not None \
+                and isinstance(section.get('backbone'), Mapping) and section['type'] == 'PromptedBackbone':
+            c.typed(f'{key}.backbone', section['backbone'], ARCH_REGISTRY, 'network')  # the wrapped network
 
 
 def _check_train(c: Checker, train: Mapping, train_keys, optimizers, schedulers, ours: bool) -> None:

@@ -141,7 +141,9 @@ class PromptedBlock(nn.Module):
         if self.fusion_method == 'cross_attention':
             if self.literal:
                 return self._literal_cross_attention(x, prompt, a_f, a_p)
-            return a_f * x + self._bias(self.cross_attn_out(a_p * self.cross_attn_v(self.prompt_norm(prompt))))
+            bias = self.cross_attn_out(a_p * self.cross_attn_v(self.prompt_norm(prompt)))
+            # in x's dtype: under autocast a float32 gate would turn bf16 features into a float32 copy
+            return torch.addcmul(self._bias(bias).to(x.dtype), a_f.to(x.dtype), x)
         if self.fusion_method == 'concat':
             prompt_map = a_p * self.prompt_projection(prompt)
             if self.literal:
