@@ -7,7 +7,10 @@ Prints up to three tables:
    the official computation (``literal=True``) at the same weights (``--impls ... datprl-checkpoint``: with
    gradient checkpointing of the transformer blocks, for the training memory it saves);
 2. the speed-up over the official computation at the sizes of the method spec (eval 1x3x128x128, train 2x3x64x64);
-3. with ``--data``: training-loader throughput on MD-Mini (disk PNG vs LMDB, 0/1/2 workers; built if missing).
+3. with ``--data``: training-loader throughput on MD-Mini (disk PNG vs LMDB, 0/1/2 workers; built if missing);
+4. with ``--backbones``: what DATPRL's prompts cost on BasicSR backbones (the ``PromptedBackbone`` networks of
+   ``options/train/md_mini_<backbone>.yml``): train step and eval time of the bare and the prompted backbone at the
+   demo's batch (12x3x48x48), and the prompts' overhead.
 
 Each configuration runs in a fresh process (so peak memory is per configuration), with ``--threads`` CPU threads.
 Timings are medians over ``--repeats`` runs after ``--warmup`` runs.
@@ -43,6 +46,25 @@ CONFIGS = {
 #: ``datprl-checkpoint``: gradient checkpointing of the transformer blocks (``use_checkpoint``), for its peak memory.
 IMPLS = {'official': dict(literal=True), 'datprl': {}, 'datprl-lean': dict(lean=True),
          'datprl-checkpoint': dict(use_checkpoint=True)}
+#: ``network_g`` of options/train/md_mini_<name>.yml (a test keeps them equal): backbones wrapped by PromptedBackbone.
+_POOLS = {'task_pool': {'size': 12, 'dim': 64, 'top_k': 3}, 'domain_pool': {'size': 6, 'dim': 64, 'top_k': 2}}
+_FUSION = {'method': 'cross_attention', 'gate_init': 'identity'}
+WRAPPED = {
+    'swinir': dict(type='PromptedBackbone', backbone=dict(
+        type='SwinIR', upscale=1, upsampler='', img_size=48, window_size=8, embed_dim=24, depths=[2, 2, 2],
+        num_heads=[2, 2, 2], mlp_ratio=2, resi_connection='1conv'),
+        taps={'domain': 'conv_first', 'task': 'layers.0'}, inject_after=['layers.1', 'layers.2'], prompt=_POOLS,
+        fusion=_FUSION),
+    'rrdbnet': dict(type='PromptedBackbone', backbone=dict(
+        type='RRDBNet', num_in_ch=3, num_out_ch=3, scale=1, num_feat=48, num_block=6, num_grow_ch=24),
+        taps={'domain': 'conv_first', 'task': 'body.0'}, inject_after=['body.2', 'body.4'], prompt=_POOLS,
+        fusion=_FUSION),
+    'edsr': dict(type='PromptedBackbone', backbone=dict(
+        type='EDSR', num_in_ch=3, num_out_ch=3, upscale=1, num_feat=48, num_block=12, img_range=1.0),
+        taps={'domain': 'conv_first', 'task': 'body.1'}, inject_after=['body.3', 'body.6', 'body.9'], prompt=_POOLS,
+        fusion=_FUSION),
+}
+BACKBONE_TRAIN_SHAPE, BACKBONE_EVAL_SHAPE = (12, 3, 48, 48), (1, 3, 128, 128)  # the demo's batch; a val-sized image
 AMP_CHOICES = {'none': None, **AMP_DTYPES}
 MIB = 2**20
 NATIVE_BF16_CAPABILITY = 8  # CUDA compute capability from which bf16 runs natively (Ampere); V100/T4 emulate it
@@ -167,6 +189,26 @@ def _table(header, rows):
     return '\n'.join(lines)
 
 
+def backbone_table(names, args) -> str:
+    """Table 4: bare vs prompted backbone, each measured in its own process, alternating, at the demo's sizes."""
+    rows = []
+    for name in names:
+        wrapped = WRAPPED[name]
+        jobs = [(config, {}, BACKBONE_EVAL_SHAPE, BACKBONE_TRAIN_SHAPE, False)
+                for config in (wrapped['backbone'], wrapped)]
+        bare, prompted = _run(jobs, args)
+        rows.append([name, f"{bare['params']:.3f}", f"{prompted['params']:.3f}", len(wrapped['inject_after']),
+                     f"{bare['train_ms']:.0f}", f"{prompted['train_ms']:.0f}",
+                     f"{100 * (prompted['train_ms'] / bare['train_ms'] - 1):+.1f}%",
+                     f"{bare['eval_ms']:.0f}", f"{prompted['eval_ms']:.0f}",
+                     f"{100 * (prompted['eval_ms'] / bare['eval_ms'] - 1):+.1f}%"])
+    train, evaluation = 'x'.join(map(str, BACKBONE_TRAIN_SHAPE)), 'x'.join(map(str, BACKBONE_EVAL_SHAPE))
+    return (f'prompts on BasicSR backbones (PromptedBackbone of options/train/md_mini_<backbone>.yml): train step '
+            f'{train}, eval {evaluation}\n' + _table(
+                ['backbone', 'params M', 'prompted M', 'injections', 'train ms', 'prompted train ms', 'overhead',
+                 'eval ms', 'prompted eval ms', 'overhead'], rows))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N')
@@ -186,6 +228,8 @@ def main(argv=None) -> None:
     parser.add_argument('--data', action='store_true', help='also measure data loading on MD-Mini')
     parser.add_argument('--data-root', default='datasets/md_mini', help='MD-Mini folder for --data')
     parser.add_argument('--skip-networks', action='store_true', help='skip the network tables')
+    parser.add_argument('--backbones', nargs='*', choices=WRAPPED, default=None,
+                        help='the prompts\' overhead on BasicSR backbones (all of them when given without names)')
     parser.add_argument('--speedup-only', action='store_true', help='only the official-vs-ours table at spec sizes')
     args = parser.parse_args(argv)
     try:
@@ -207,6 +251,8 @@ def main(argv=None) -> None:
         build(args.data_root)
         _emit('data loading on MD-Mini: samples/s at 128x128 crops')
         _emit(throughput.table(throughput.measure(args.data_root)) + '\n')
+    if args.backbones is not None:
+        _emit(backbone_table(args.backbones or list(WRAPPED), args) + '\n')
     if args.skip_networks:
         return
     eval_shape = (1, 3, args.eval_size, args.eval_size)

@@ -222,13 +222,20 @@ def replace_data(opt, root):
 
 
 # ------------------------------------------------------------------------------------------------ networks
+#: BasicSR networks of the option files whose constructors need real tensors (SwinIR's drop-path schedule), small.
+BASICSR_SMALL = ('SwinIR', 'RRDBNet', 'EDSR')
+
+
 def meta_network(network_opt):
     with torch.device('meta'):
         return build_network(dict(network_opt))
 
 
 def shrunk(network_opt):
-    """The file's network when small, else the same type and prompt options on a tiny backbone."""
+    """The file's network when small, else the same type and prompt options on a tiny backbone. Networks wrapped
+    by PromptedBackbone are small and are probed by a forward at construction, which the meta device cannot run."""
+    if network_opt['type'] == 'PromptedBackbone' or network_opt['type'] in BASICSR_SMALL:
+        return dict(network_opt)
     if sum(p.numel() for p in meta_network(network_opt).parameters()) <= SMALL_NETWORK:
         return dict(network_opt)
     return dict(network_opt, **SHRUNK)

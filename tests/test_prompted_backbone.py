@@ -250,3 +250,11 @@ def test_gate_values_are_reported_for_fusions():
     from datprl_arch.models.analysis import gate_values
     net = wrapped('RRDBNet')
     assert set(gate_values(net)) == {'fusions.0'} and all(isinstance(m, PromptedBlock) for m in net.fusions)
+
+
+def test_bench_measures_the_option_files_networks():
+    from datprl_arch.bench import WRAPPED
+    from datprl_arch.options import load_option_file
+    for name, network in WRAPPED.items():
+        assert load_option_file(f'options/train/md_mini_{name}.yml')['network_g'] == network, name
+        assert load_option_file(f'options/train/md_mini_{name}_plain.yml')['network_g'] == network['backbone'], name
