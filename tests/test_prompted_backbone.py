@@ -1,6 +1,7 @@
 """PromptedBackbone: DATPRL's prompts on registered backbones (SwinIR, RRDBNet, EDSR, RCAN, our Restormer) through
 forward hooks. Tiny configurations; one end-to-end run per feature layout through BasicSR's runner."""
 import copy
+import json
 import re
 
 import pytest
@@ -232,11 +233,17 @@ def test_trains_through_basicsr_runner_from_a_backbone_checkpoint(name, tmp_path
     opt = options(data, f'wrapped_{name}', total_iter=4, text_embeddings=str(data / 'texts.pt'), **EVERY_LOSS)
     opt['network_g'] = options_for(name)
     opt['path']['pretrain_network_backbone'] = str(checkpoint)
+    opt['train']['prompt_analysis_freq'] = 3
     out = finish(train(tmp_path, write(tmp_path / 'o.yml', opt)))
     assert f'Loading the backbone of PromptedBackbone from {checkpoint}' in out
     iters = re.findall(r'iter:\s+(\d+), lr.*?\] (.*)', out)
     assert [int(i) for i, _ in iters] == [1, 2, 3, 4]
-    assert all(term in iters[-1][1] for term in ('l_pix', 'l_div', 'l_bal', 'l_con', 'l_align'))
+    assert all(term in iters[-1][1] for term in ('l_pix', 'l_div', 'l_bal', 'l_con', 'l_con_dom', 'l_align'))
+    assert re.search(r'Prompt usage, domain pool, iters 1-3: \d+ selections', out)
+    analysis = tmp_path / 'experiments' / f'wrapped_{name}' / 'prompt_analysis' / '3'
+    assert set(json.loads((analysis / 'gates.json').read_text())) == {f'fusions.{i}' for i in range(len(
+        BACKBONES[name][2]))}
+    assert set(json.loads((analysis / 'nmi.json').read_text())) == {'task_pool', 'domain_pool'}
     saved = torch.load(tmp_path / 'experiments' / f'wrapped_{name}' / 'models' / 'net_g_latest.pth',
                        weights_only=True)
     assert saved['network_g']['type'] == 'PromptedBackbone'
