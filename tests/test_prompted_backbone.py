@@ -265,3 +265,16 @@ def test_bench_measures_the_option_files_networks():
     for name, network in WRAPPED.items():
         assert load_option_file(f'options/train/md_mini_{name}.yml')['network_g'] == network, name
         assert load_option_file(f'options/train/md_mini_{name}_plain.yml')['network_g'] == network['backbone'], name
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_train_a_wrapped_backbone_identically(tmp_path):
+    from test_distributed import check_ranks, ddp_options, torchrun
+    opt = ddp_options(tmp_path / 'data')
+    opt['network_g'] = options_for('SwinIR')
+    opt['train'].update(prompt_contrastive_weight=0.1, prompt_diversity_weight=1.0)
+    root = tmp_path / 'root'
+    root.mkdir()
+    _, records, weights = torchrun(tmp_path / 'run', write(tmp_path / 'train.yml', opt), root)
+    check_ranks(records, weights, [1, 2, 3, 4], root / 'experiments' / 'ddp')
+    assert any(k.startswith('fusions.') for k in weights[0]) and any(k.startswith('backbone.') for k in weights[0])
