@@ -54,7 +54,7 @@ WRAPPED = {
         type='SwinIR', upscale=1, upsampler='', img_size=48, window_size=8, embed_dim=24, depths=[2, 2, 2],
         num_heads=[2, 2, 2], mlp_ratio=2, resi_connection='1conv'),
         taps={'domain': 'conv_first', 'task': 'layers.0'}, inject_after=['layers.1', 'layers.2'], prompt=_POOLS,
-        fusion=_FUSION),
+        fusion=_FUSION, pad_multiple=8),
     'rrdbnet': dict(type='PromptedBackbone', backbone=dict(
         type='RRDBNet', num_in_ch=3, num_out_ch=3, scale=1, num_feat=48, num_block=6, num_grow_ch=24),
         taps={'domain': 'conv_first', 'task': 'body.0'}, inject_after=['body.2', 'body.4'], prompt=_POOLS,

@@ -253,6 +253,18 @@ def test_trains_through_basicsr_runner_from_a_backbone_checkpoint(name, tmp_path
     assert F.l1_loss(rebuilt.eval()(image()), image()).isfinite()
 
 
+def test_padding_lets_swinir_take_any_size():
+    plain, net = bare('SwinIR', seed=3).eval(), wrapped('SwinIR', pad_multiple=4).eval()
+    net.backbone.load_state_dict(plain.state_dict())
+    x = torch.rand(1, 3, 18, 23)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):
+            plain(x)  # BasicSR's SwinIR takes only multiples of its window
+        out = net(x)
+        padded = F.pad(x, (0, 1, 0, 2), mode='reflect')
+        assert out.shape == x.shape and torch.equal(out, plain(padded)[..., :18, :23])
+
+
 def test_gate_values_are_reported_for_fusions():
     from datprl_arch.models.analysis import gate_values
     net = wrapped('RRDBNet')

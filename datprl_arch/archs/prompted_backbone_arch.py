@@ -23,6 +23,7 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from ..errors import NetworkOptionError
 from ..utils.checkpoint import extract_state_dict, load_weights, read_checkpoint
 from ..utils.registry import register
+from .padding import check_pad_mode, check_pad_multiple, pad_to_multiple
 from .prompt import GatedFusion, PoolSpec, PromptConfig, PromptSystem
 from .prompt.compose import COMPOSITIONS
 from .prompt.fusion import FUSIONS, check_gate_init
@@ -157,12 +158,18 @@ class PromptedBackbone(PromptSystem):
             the output equals the bare backbone's at initialisation; 0.5: the paper's gates).
         in_channels: input channels for the probe (default: from the backbone's options, else 3).
         probe_size: side of the square probe input (a size the backbone accepts).
+        pad_multiple, pad_mode: the input is padded to a multiple of ``pad_multiple`` (``pad_mode`` 'reflect',
+            'replicate' or 'constant') and the output cropped back, for backbones that need one (BasicSR's SwinIR
+            needs a multiple of its window size); 1: no padding.
     """
 
     def __init__(self, backbone: Mapping[str, Any], taps: Mapping[str, str], inject_after: Union[str, Sequence[str]],
                  prompt: Optional[Mapping[str, Any]] = None, fusion: Optional[Mapping[str, Any]] = None,
-                 in_channels: Optional[int] = None, probe_size: int = DEFAULT_PROBE_SIZE):
+                 in_channels: Optional[int] = None, probe_size: int = DEFAULT_PROBE_SIZE, pad_multiple: int = 1,
+                 pad_mode: str = 'reflect'):
         super().__init__()
+        self.pad_multiple = check_pad_multiple(pad_multiple, 1)
+        self.pad_mode = check_pad_mode(pad_mode)
         config, grids, gate_init = prompt_config(prompt, fusion)
         self.backbone = build_backbone(backbone)
         probe = probe_backbone(self.backbone, in_channels or input_channels(backbone), probe_size)
@@ -241,9 +248,11 @@ class PromptedBackbone(PromptSystem):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x ``[B, C, H, W]`` -> the backbone's output, with the prompt injected at ``injection_points``."""
+        h, w = x.shape[-2:]
+        x = pad_to_multiple(x, self.pad_multiple, self.pad_mode)
         self._features, self._prompt, self._image_size = {}, None, tuple(x.shape[-2:])
         try:
-            return self.backbone(x)
+            return self.backbone(x)[..., :h, :w]  # scale 1 is checked at construction
         finally:
             self._features, self._prompt = {}, None
 
