@@ -12,7 +12,8 @@ Prints up to three tables:
    ``options/train/md_mini_<backbone>.yml``): train step and eval time of the bare and the prompted backbone at the
    demo's batch (12x3x48x48), and the prompts' overhead.
 
-Each configuration runs in a fresh process (so peak memory is per configuration), with ``--threads`` CPU threads.
+Each configuration runs in a fresh process (so peak memory is per configuration), with ``--threads`` CPU threads;
+table 4 times the bare and the prompted backbone alternately in one process, so both see the same machine.
 Timings are medians over ``--repeats`` runs after ``--warmup`` runs.
 """
 from __future__ import annotations
@@ -107,17 +108,19 @@ def bf16_notice(device: torch.device) -> str | None:
             'slow on it; --amp fp16 measures its fast path')
 
 
-def _median_seconds(fn, warmup: int, repeats: int, device: torch.device) -> float:
-    def timed():
-        _synchronize(device)
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        return time.perf_counter() - start
+def _timed(fn, device: torch.device) -> float:
+    """Seconds of one call of ``fn`` (the device synchronised before and after)."""
+    _synchronize(device)
+    start = time.perf_counter()
+    fn()
+    _synchronize(device)
+    return time.perf_counter() - start
 
+
+def _median_seconds(fn, warmup: int, repeats: int, device: torch.device) -> float:
     for _ in range(warmup):
         fn()
-    return statistics.median(timed() for _ in range(repeats))
+    return statistics.median(_timed(fn, device) for _ in range(repeats))
 
 
 def _gflops(net, x) -> float:
@@ -189,22 +192,60 @@ def _table(header, rows):
     return '\n'.join(lines)
 
 
+def measure_pair(configs, args: argparse.Namespace) -> dict:
+    """Bare and prompted backbone in one process, timed alternately (a drift of the machine's speed hits both
+    alike): medians of each and the median of the per-round ratios."""
+    import datprl_arch  # noqa: F401  (registration, in the spawned process)
+    from basicsr.archs import build_network
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    use_device(device)
+    nets = []
+    for config in configs:
+        torch.manual_seed(0)
+        nets.append(build_network(dict(config)).to(device))
+    x = torch.rand(*BACKBONE_EVAL_SHAPE, device=device)
+    batch = torch.rand(*BACKBONE_TRAIN_SHAPE, device=device)
+    target = torch.rand_like(batch)
+    amp_context = autocast(device, AMP_CHOICES[args.amp])
+
+    def evaluate(net):
+        with torch.no_grad(), amp_context:
+            net.eval()(x)
+
+    def step(net):
+        net.train().zero_grad(set_to_none=True)
+        with amp_context:
+            loss = (net(batch).float() - target).abs().mean()
+        loss.backward()
+
+    row = {'params': [sum(p.numel() for p in net.parameters()) / 1e6 for net in nets]}
+    for kind, fn in (('eval', evaluate), ('train', step)):
+        for _ in range(args.warmup):
+            for net in nets:
+                fn(net)
+        rounds = [[_timed(lambda: fn(net), device) for net in nets] for _ in range(args.repeats)]
+        row[kind] = [1e3 * statistics.median(r[i] for r in rounds) for i in range(len(nets))]
+        row[f'{kind}_overhead'] = statistics.median(r[1] / r[0] for r in rounds) - 1
+    return row
+
+
 def backbone_table(names, args) -> str:
-    """Table 4: bare vs prompted backbone, each measured in its own process, alternating, at the demo's sizes."""
+    """Table 4: bare vs prompted backbone at the demo's sizes, timed alternately in one fresh process each."""
     rows = []
+    ctx = mp.get_context('spawn')
     for name in names:
         wrapped = WRAPPED[name]
-        jobs = [(config, {}, BACKBONE_EVAL_SHAPE, BACKBONE_TRAIN_SHAPE, False)
-                for config in (wrapped['backbone'], wrapped)]
-        bare, prompted = _run(jobs, args)
-        rows.append([name, f"{bare['params']:.3f}", f"{prompted['params']:.3f}", len(wrapped['inject_after']),
-                     f"{bare['train_ms']:.0f}", f"{prompted['train_ms']:.0f}",
-                     f"{100 * (prompted['train_ms'] / bare['train_ms'] - 1):+.1f}%",
-                     f"{bare['eval_ms']:.0f}", f"{prompted['eval_ms']:.0f}",
-                     f"{100 * (prompted['eval_ms'] / bare['eval_ms'] - 1):+.1f}%"])
+        with ctx.Pool(1) as pool:
+            row = pool.apply(measure_pair, ((wrapped['backbone'], wrapped), args))
+        rows.append([name, f"{row['params'][0]:.3f}", f"{row['params'][1]:.3f}", len(wrapped['inject_after']),
+                     f"{row['train'][0]:.0f}", f"{row['train'][1]:.0f}", f"{100 * row['train_overhead']:+.1f}%",
+                     f"{row['eval'][0]:.0f}", f"{row['eval'][1]:.0f}", f"{100 * row['eval_overhead']:+.1f}%"])
     train, evaluation = 'x'.join(map(str, BACKBONE_TRAIN_SHAPE)), 'x'.join(map(str, BACKBONE_EVAL_SHAPE))
     return (f'prompts on BasicSR backbones (PromptedBackbone of options/train/md_mini_<backbone>.yml): train step '
-            f'{train}, eval {evaluation}\n' + _table(
+            f'{train}, eval {evaluation}; bare and prompted timed alternately, overhead = median of the per-round '
+            'ratios\n' + _table(
                 ['backbone', 'params M', 'prompted M', 'injections', 'train ms', 'prompted train ms', 'overhead',
                  'eval ms', 'prompted eval ms', 'overhead'], rows))
 

@@ -13,7 +13,8 @@ identity`` (the default) the wrapped network's output equals the bare backbone's
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -27,12 +28,15 @@ from .padding import check_pad_mode, check_pad_multiple, pad_to_multiple
 from .prompt import GatedFusion, PoolSpec, PromptConfig, PromptSystem
 from .prompt.compose import COMPOSITIONS
 from .prompt.fusion import FUSIONS, check_gate_init
+from .prompt.modes import INPUT_TAP, PROMPT_MODES, PromptMode
 from .prompt.taps import Probe, probe_backbone, resolve_modules, tap_module, token_grid, tokens_to_map
 
 DEFAULT_PROBE_SIZE = 64
 #: The prompt options and their defaults: the demo's pools (``domain_pool: null`` gives the task pool only).
 DEFAULT_POOLS = {'task_pool': {'size': 12, 'dim': 64, 'top_k': 3}, 'domain_pool': {'size': 6, 'dim': 64, 'top_k': 2}}
-PROMPT_KEYS = ('task_pool', 'domain_pool', 'value_num_tokens', 'composition', 'lean')
+DUAL_POOL = 'DualPool'  # prompt.type of DATPRL's task and domain pools (the default); else a prompt mode
+PROMPT_KEYS = ('type', 'task_pool', 'domain_pool', 'value_num_tokens', 'composition', 'lean')
+MODE_WRAPPER_KEYS = ('type', 'value_num_tokens', 'lean')  # prompt keys of a mode that the wrapper reads itself
 POOL_KEYS = ('size', 'dim', 'top_k', 'query_grid')
 FUSION_KEYS = ('method', 'gate_init')
 DEFAULT_FUSION = {'method': 'cross_attention', 'gate_init': 'identity'}
@@ -72,7 +76,7 @@ def _pool(name: str, options: Mapping) -> tuple[PoolSpec, Optional[tuple[int, in
 def prompt_config(prompt: Optional[Mapping], fusion: Optional[Mapping]) -> tuple[PromptConfig, dict, str]:
     """The validated :class:`PromptConfig` of the wrapper's ``prompt`` and ``fusion`` options, the query grids by
     tap, and the gate init; every bad value is a ``NetworkOptionError`` naming its key."""
-    prompt = dict(prompt or {})
+    prompt = {k: v for k, v in dict(prompt or {}).items() if k != 'type'}
     fusion = dict(fusion or {})
     _unknown('prompt', prompt, PROMPT_KEYS)
     _unknown('fusion', fusion, FUSION_KEYS)
@@ -94,6 +98,42 @@ def prompt_config(prompt: Optional[Mapping], fusion: Optional[Mapping]) -> tuple
         raise NetworkOptionError(f'prompt: {err}') from err
     grids = {tap: grid for tap, grid in (('task', task_grid), ('domain', domain_grid)) if grid is not None}
     return config, grids, gate_init
+
+
+def fusion_config(width: int, prompt: Mapping, fusion: Optional[Mapping]) -> tuple[PromptConfig, str]:
+    """The config of the gated fusions for a prompt mode's ``width`` prompt (no pools), and the gate init."""
+    fusion = {**DEFAULT_FUSION, **dict(fusion or {})}
+    _unknown('fusion', fusion, FUSION_KEYS)
+    if fusion['method'] not in FUSIONS:
+        raise NetworkOptionError(f"fusion.method must be one of {FUSIONS}, got {fusion['method']!r}")
+    try:
+        gate_init = check_gate_init(fusion['gate_init'])
+        return PromptConfig(PoolSpec(1, width, 1), None, prompt.get('value_num_tokens', DEFAULT_VALUE_TOKENS),
+                            fusion=fusion['method'], lean=bool(prompt.get('lean', True))), gate_init
+    except ValueError as err:
+        raise NetworkOptionError(f'prompt: {err}') from err
+
+
+def build_mode(prompt: Mapping, channels: Mapping[str, int]) -> PromptMode:
+    """The prompt mode ``prompt['type']`` built from the rest of ``prompt``; a bad option names it."""
+    mode_type = prompt['type']
+    options = {k: v for k, v in prompt.items() if k not in MODE_WRAPPER_KEYS}
+    try:
+        return PROMPT_MODES[mode_type](channels, **options)
+    except TypeError as err:
+        raise NetworkOptionError(f'prompt ({mode_type}): {err}') from err
+    except ValueError as err:
+        raise NetworkOptionError(f'prompt: {err}') from err
+
+
+def mode_type(prompt: Optional[Mapping]) -> str:
+    """``prompt.type``: :data:`DUAL_POOL` (default) or a registered prompt mode; else an error listing them."""
+    if prompt is not None and not isinstance(prompt, Mapping):
+        raise NetworkOptionError(f'prompt must be a mapping, got {prompt!r}')
+    kind = (prompt or {}).get('type', DUAL_POOL)
+    if kind != DUAL_POOL and kind not in PROMPT_MODES:
+        raise NetworkOptionError(f"prompt.type must be one of {[DUAL_POOL, *PROMPT_MODES]}, got {kind!r}")
+    return kind
 
 
 def build_backbone(options: Mapping) -> nn.Module:
@@ -140,7 +180,8 @@ class _InjectionHook:
 
 @register(ARCH_REGISTRY)
 class PromptedBackbone(PromptSystem):
-    """A registered backbone with DATPRL's task and domain prompt pools (see the module docstring).
+    """A registered backbone with DATPRL's task and domain prompt pools, or another prompt mode (see the module
+    docstring).
 
     Args:
         backbone: the backbone's options, ``type`` (a registered network) and its arguments; it must restore at
@@ -150,7 +191,9 @@ class PromptedBackbone(PromptSystem):
             must finish before the first injection point.
         inject_after: module names, or regular expressions matched against whole names (as peft's
             ``target_modules``), whose outputs receive the prompt through gated fusion.
-        prompt: ``task_pool`` and ``domain_pool`` (``size``, ``dim``, ``top_k``, optional ``query_grid``; the
+        prompt: ``type``: 'DualPool' (default, DATPRL) or a prompt mode of :mod:`.prompt.modes`
+            (``ExplicitPrompt``, ``AdaptivePrompt``, ``LowRankPrompt``, ``DistributionPrompt``) with its options.
+            DualPool: ``task_pool`` and ``domain_pool`` (``size``, ``dim``, ``top_k``, optional ``query_grid``; the
             defaults are :data:`DEFAULT_POOLS`; ``domain_pool: null``: task pool only), ``value_num_tokens`` (2),
             ``composition`` ('cross_attention' or 'concat'), ``lean`` (true: no parameters that cannot affect the
             output).
@@ -163,27 +206,41 @@ class PromptedBackbone(PromptSystem):
             needs a multiple of its window size); 1: no padding.
     """
 
-    def __init__(self, backbone: Mapping[str, Any], taps: Mapping[str, str], inject_after: Union[str, Sequence[str]],
+    def __init__(self, backbone: Mapping[str, Any], taps: Optional[Mapping[str, str]],
+                 inject_after: Union[str, Sequence[str]],
                  prompt: Optional[Mapping[str, Any]] = None, fusion: Optional[Mapping[str, Any]] = None,
                  in_channels: Optional[int] = None, probe_size: int = DEFAULT_PROBE_SIZE, pad_multiple: int = 1,
                  pad_mode: str = 'reflect'):
         super().__init__()
         self.pad_multiple = check_pad_multiple(pad_multiple, 1)
         self.pad_mode = check_pad_mode(pad_mode)
-        config, grids, gate_init = prompt_config(prompt, fusion)
+        kind = mode_type(prompt)
+        self.prompt_mode: Optional[PromptMode] = None  # the prompt mode of a prompt.type other than DualPool
+        if kind == DUAL_POOL:
+            config, grids, gate_init = prompt_config(prompt, fusion)
+            needed = ('domain', 'task') if config.domain is not None else ('task',)
+        else:
+            needed = tuple(tap for tap in PROMPT_MODES[kind].taps if tap != INPUT_TAP)
         self.backbone = build_backbone(backbone)
-        probe = probe_backbone(self.backbone, in_channels or input_channels(backbone), probe_size)
+        channels = in_channels or input_channels(backbone)
+        probe = probe_backbone(self.backbone, channels, probe_size)
         self._check_scale_one(probe)
-        needed = ('domain', 'task') if config.domain is not None else ('task',)
         runs = self._taps(dict(taps or {}), needed, probe)
         points = resolve_modules([inject_after] if isinstance(inject_after, str) else list(inject_after or ()),
                                  probe, 'inject_after')
         if not points:
             raise NetworkOptionError(f'inject_after names no module; usable modules: {probe.listing()}')
         self._check_order(runs, points, probe)
-        self.build_prompt_system({tap: run.channels for tap, run in runs.items()}, config, grids)
+        if kind == DUAL_POOL:
+            self.build_prompt_system({tap: run.channels for tap, run in runs.items()}, config, grids)
+        else:
+            self.prompt_mode = build_mode(prompt, {INPUT_TAP: channels, **{t: r.channels for t, r in runs.items()}})
+            config, gate_init = fusion_config(self.prompt_mode.prompt_width, prompt, fusion)
+            self.prompt_members, self.prompt_width = ('prompt_mode',), self.prompt_mode.prompt_width
         self.fusions = nn.ModuleList(GatedFusion(probe.runs[name].channels, config, probe.runs[name].layout,
                                                  gate_init) for name in points)
+        self.reads_input = self.prompt_mode is not None and INPUT_TAP in self.prompt_mode.taps
+        self._task_labels: Optional[torch.Tensor] = None
         self.tap_modules = {tap: run.name for tap, run in runs.items()}
         self.tap_layouts = {tap: run.layout for tap, run in runs.items()}
         self.injection_points = tuple(points)
@@ -252,6 +309,9 @@ class PromptedBackbone(PromptSystem):
         x = pad_to_multiple(x, self.pad_multiple, self.pad_mode)
         self._features, self._prompt, self._image_size = {}, None, tuple(x.shape[-2:])
         try:
+            if self.reads_input:
+                self._features[INPUT_TAP] = x
+                self._compose_when_ready()
             return self.backbone(x)[..., :h, :w]  # scale 1 is checked at construction
         finally:
             self._features, self._prompt = {}, None
@@ -263,8 +323,43 @@ class PromptedBackbone(PromptSystem):
         if self.tap_layouts[tap] == 'tokens':
             output = tokens_to_map(output, token_grid(output, call, self._image_size))
         self._features[tap] = output
-        if len(self._features) == len(self.tap_modules):
+        self._compose_when_ready()
+
+    def _compose_when_ready(self) -> None:
+        if len(self._features) == len(self.tap_modules) + self.reads_input:
             self._prompt = self.compose_prompt(self._features)
+
+    def _retrieve_prompt(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The dual pools' retrieval, or the prompt mode's (its ModeState becomes ``prompt_state``)."""
+        if self.prompt_mode is None:
+            return super()._retrieve_prompt(features)
+        self.prompt_state = self.prompt_mode(features, self._task_labels)
+        return self.prompt_state.prompt
+
+    @property
+    def prompt_taps(self) -> tuple[str, ...]:
+        return self.prompt_mode.taps if self.prompt_mode is not None else super().prompt_taps
+
+    @contextmanager
+    def task_labels(self, names: Optional[Sequence[str]]) -> Iterator[PromptedBackbone]:
+        """Within the block, forwards of a mode with a prompt per task (``ExplicitPrompt``, ``LowRankPrompt``) get
+        the task labels of ``names`` (a batch's ``task_name``s, looked up in the mode's ``tasks``); the training
+        model wraps its step in this. Other modes, and ``names=None``, change nothing."""
+        tasks = self.prompt_mode.task_names if self.prompt_mode is not None else ()
+        if not tasks or names is None:
+            yield self
+            return
+        unknown = sorted(set(names) - set(tasks))
+        if unknown:
+            raise NetworkOptionError(f"the batch's task {unknown[0]!r} is not in prompt.tasks {list(tasks)} of "
+                                     f'{type(self.prompt_mode).__name__}: list every training task there')
+        device = next(self.prompt_mode.parameters()).device
+        previous = self._task_labels
+        self._task_labels = torch.tensor([tasks.index(n) for n in names], device=device)
+        try:
+            yield self
+        finally:
+            self._task_labels = previous
 
     def _inject(self, index: int, output: torch.Tensor) -> torch.Tensor:
         if self._prompt is None:

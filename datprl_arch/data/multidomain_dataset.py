@@ -49,7 +49,8 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Optional
+import weakref
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -73,6 +74,7 @@ from .sources import Source, build_source, dataset_problems, format_warnings, pa
 OFFICIAL_NAMES = ('MultiDatasetPairedImageDataset', 'MultiTaskAllInOneDataset')
 #: Domain given to every source of an official option file (those have no ``domain`` key).
 SHARED_DOMAIN = 'shared'
+_training_set: Optional[weakref.ref] = None  # see training_set()
 #: Extra LQ pixels kept around a crop before bicubic upsampling, covering the 4-tap kernel exactly.
 UPSAMPLE_MARGIN = 3
 #: Noise ``sigma`` (mode 'noise') is given on this scale (8-bit intensities), as in the denoising literature.
@@ -193,6 +195,11 @@ def label_warnings(train_set, val_sets) -> list[str]:
     return warnings
 
 
+def training_set() -> Optional['DATPRLMultiDomainDataset']:
+    """The training set built last in this process (BasicSR builds it before the model), for ``train.stages``."""
+    return _training_set() if _training_set is not None else None
+
+
 @register(DATASET_REGISTRY, aliases=OFFICIAL_NAMES)
 class DATPRLMultiDomainDataset(data.Dataset):
     """Paired LQ/GT images from many sources, each labelled with its source, domain and task (see module doc)."""
@@ -248,7 +255,28 @@ class DATPRLMultiDomainDataset(data.Dataset):
                                          opt.get('sampling', 'balanced'))
         self.offsets = np.cumsum([0] + [len(s.pairs) for s in self.sources])
         self._clients: dict[int, tuple[int, FileClient]] = {}
+        #: The sources the current training stage draws from (``set_stage_tasks``); in shared memory, so the
+        #: loader's worker processes see a change made in the main process.
+        self.stage_sources = torch.ones(len(self.sources), dtype=torch.bool).share_memory_()
         self._log_summary(name, official)
+        if self.train:
+            global _training_set
+            _training_set = weakref.ref(self)
+
+    def set_stage_tasks(self, tasks: Optional[Sequence[str]]) -> None:
+        """Draw training batches only from the sources of ``tasks`` (None: every source), for ``train.stages``.
+        Batches the loader has already prepared keep their sources (at most ``num_worker_per_gpu`` x
+        ``prefetch_factor`` batches after a change)."""
+        if tasks is None:
+            self.stage_sources.fill_(True)
+            return
+        unknown = [t for t in tasks if t not in self.tasks]
+        if unknown:
+            raise ValueError(f'train.stages: task {unknown[0]!r} is not a task of the training set '
+                             f'(its tasks: {self.tasks})')
+        if self.schedule.mode != 'balanced':
+            raise ValueError("train.stages with tasks needs the training set's sampling: balanced")
+        self.stage_sources.copy_(torch.tensor([s.task in tasks for s in self.sources]))
 
     def _log_summary(self, name: str, official: bool) -> None:
         from basicsr.utils import get_root_logger
@@ -295,7 +323,8 @@ class DATPRLMultiDomainDataset(data.Dataset):
         """A whole batch (PyTorch's fetcher calls this with one batch's indices): balanced in training."""
         if not self.train:
             return [self[i] for i in indices]
-        return [self.load(s, i) for s, i in self.schedule.draw_batch([int(i) for i in indices])]
+        active = self.stage_sources.numpy()
+        return [self.load(s, i) for s, i in self.schedule.draw_batch([int(i) for i in indices], active)]
 
     def load(self, source_idx: int, item: int) -> dict:
         """Read, crop/augment (training) and convert pair ``item`` of source ``source_idx``."""

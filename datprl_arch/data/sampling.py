@@ -24,7 +24,7 @@ dataset itself turns the indices it receives into ``(source, item)`` draws:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -92,10 +92,16 @@ class BalancedSchedule:
         start = 0 if source == 0 else int(self.ends[source - 1])
         return source, self._item(source, index - start if self.mode == 'concat' else index)
 
-    def draw_batch(self, indices: Sequence[int]) -> list[tuple[int, int]]:
-        """``(source, item)`` per index of one batch, with stratified source allocation (balanced mode)."""
+    def draw_batch(self, indices: Sequence[int], active: Optional[np.ndarray] = None) -> list[tuple[int, int]]:
+        """``(source, item)`` per index of one batch, with stratified source allocation (balanced mode); ``active``
+        (a bool per source) restricts the allocation to those sources, their weights renormalised (training
+        stages)."""
         if self.mode == 'concat':
             return [self.draw(int(i)) for i in indices]
         rng = np.random.default_rng([self.seed, self.rank, *(int(i) for i in indices)])
-        sources = allocate(len(indices), self.probs, rng)
+        probs = self.probs
+        if active is not None and not active.all():
+            probs = np.where(active, probs, 0.0)
+            probs = probs / probs.sum()
+        sources = allocate(len(indices), probs, rng)
         return [(int(s), self._item(int(s), int(i))) for s, i in zip(sources, indices)]

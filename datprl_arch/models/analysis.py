@@ -69,9 +69,10 @@ class PromptAnalysis:
     def collect(self, state: PromptState, labels: dict) -> None:
         """``labels``: ``{'task': name, 'domain': name, 'source': name}`` of the images in ``state`` (one batch)."""
         for i in range(state.prompt.shape[0]):
-            record = {'labels': labels, 'prompt': state.prompt[i].float().cpu().numpy(),
-                      'task_pool': state.task.indices[i].tolist()}
-            if state.domain is not None:
+            record = {'labels': labels, 'prompt': state.prompt[i].float().cpu().numpy()}
+            if getattr(state, 'task', None) is not None:  # dual pools; a prompt mode (ModeState) has none
+                record['task_pool'] = state.task.indices[i].tolist()
+            if getattr(state, 'domain', None) is not None:
                 record['domain_pool'] = state.domain.indices[i].tolist()
             self.records.append(record)
 

@@ -31,12 +31,14 @@ from torch import distributed as dist
 
 from basicsr.losses import build_loss
 from basicsr.metrics import calculate_metric
+from basicsr.models.base_model import BaseModel
 from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger, tensor2img
 from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from ..archs.prompt import dead_parameter_names
+from ..data.multidomain_dataset import training_set
 from ..errors import DatprlError
 from ..evaluation.metrics import metric_bits_note, parse_metric_bits, score
 from ..losses.pixel_weighting import DEFAULT_FLOOR, PIXEL_WEIGHTINGS, error_weights
@@ -48,13 +50,15 @@ from .analysis import PromptAnalysis
 from .optim import build_optimizer, build_scheduler, parameter_groups, resolve_parts
 from .prompt_objectives import OBJECTIVE_KEYS, PromptObjectives
 from .reporting import ValidationReport, write_result_image
+from .stages import Stage, parse_stages, stage_at
 
 BACKBONE_PATH_KEY = 'pretrain_network_backbone'
+STAGES_KEY = 'training_stages'  # checkpoint key: the stage plan (trainable parameters per stage)
 BASICSR_TRAIN_KEYS = ('ema_decay', 'optim_g', 'scheduler', 'total_iter', 'warmup_iter', 'pixel_opt', 'perceptual_opt')
 MODEL_TRAIN_KEYS = ('fft_opt', 'prompt_lr', 'use_amp', 'amp_dtype', 'grad_clip', 'freeze', 'compile',
                     'max_nonfinite_steps', 'enable_prompt_analysis', 'prompt_analysis_freq',
                     'prompt_analysis_save_path', 'pixel_weighting', 'pixel_weight_floor',
-                    'pixel_weight_power')
+                    'pixel_weight_power', 'stages')
 TRAIN_KEYS = BASICSR_TRAIN_KEYS + MODEL_TRAIN_KEYS + OBJECTIVE_KEYS
 DEFAULT_MAX_NONFINITE = 5  # consecutive non-finite steps tolerated before training stops
 
@@ -99,6 +103,7 @@ class DATPRLModel(SRModel):
         self._load_backbone(net)
         if self.opt['is_train'] and self.opt.get('train'):
             frozen = dead_parameter_names(net) | resolve_parts(net, self.opt['train'].get('freeze') or ())
+            self._base_frozen = frozen  # what every training stage freezes
             for name, param in net.named_parameters():
                 if name in frozen:
                     param.requires_grad_(False)
@@ -121,6 +126,11 @@ class DATPRLModel(SRModel):
     def init_training_settings(self):
         train_opt = self.opt['train']
         check_train_keys(train_opt)
+        self.stages = parse_stages(train_opt.get('stages'), int(train_opt['total_iter']))
+        self.stage: Stage | None = None
+        if any(stage.tasks for stage in self.stages) and training_set() is None:
+            raise ValueError('train.stages with tasks needs the multi-domain dataset (type: DATPRLMultiDomainDataset) '
+                             'as the training set')
         self.objectives = PromptObjectives(train_opt, self.opt, self.get_bare_model(self.net_g)).to(self.device)
         if self.opt['dist']:  # the alignment head lives outside DDP: start every rank from rank 0's values
             for param in self.objectives.parameters():
@@ -137,6 +147,10 @@ class DATPRLModel(SRModel):
         self.amp_dtype = self._amp_dtype(train_opt)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         super().init_training_settings()  # EMA, pixel/perceptual losses, optimizers, schedulers
+        if self.stages:
+            self._log_stage_plan()
+            if not self.opt['path'].get('resume_state'):  # resume_training enters the saved stage
+                self._enter_stage(stage_at(self.stages, 1))
         self.compiled = bool(train_opt.get('compile'))
         if self.compiled:  # static shapes: Inductor's dynamic-shape lowering fails on the Restormer (restormer_arch)
             self.get_bare_model(self.net_g).compile(dynamic=False)
@@ -164,12 +178,13 @@ class DATPRLModel(SRModel):
 
     def setup_optimizers(self):
         train_opt = self.opt['train']
-        lr = train_opt['optim_g']['lr']
+        stage = getattr(self, 'stage', None)
+        lr = stage.lr if stage is not None and stage.lr is not None else train_opt['optim_g']['lr']
         groups = parameter_groups(self.get_bare_model(self.net_g), lr, train_opt.get('prompt_lr'))
         extra = [p for p in self.objectives.parameters() if p.requires_grad]
         if extra:
             groups.append({'params': extra, 'lr': train_opt.get('prompt_lr') or lr, 'name': 'alignment'})
-        self.optimizer_g = build_optimizer(train_opt['optim_g'], groups)
+        self.optimizer_g = build_optimizer({**train_opt['optim_g'], 'lr': lr}, groups)
         self.optimizers.append(self.optimizer_g)
 
     def setup_schedulers(self):
@@ -181,15 +196,69 @@ class DATPRLModel(SRModel):
         get_root_logger().info(f'Loading {type(self.get_bare_model(net)).__name__} from {load_path}')
         load_checkpoint(net, load_path, param_key=param_key, strict=strict)
 
+    # ---------------------------------------------------------------- training stages
+    def _frozen_in(self, stage: Stage) -> set[str]:
+        return self._base_frozen | resolve_parts(self.get_bare_model(self.net_g), stage.freeze,
+                                                 f'train.stages[{stage.index}].freeze')
+
+    def _log_stage_plan(self) -> None:
+        """Every stage and its trainable parameter count, once at the start (also saved in checkpoints)."""
+        net = self.get_bare_model(self.net_g)
+        self.stage_plan = []
+        for stage in self.stages:
+            frozen = self._frozen_in(stage)
+            trainable = sum(p.numel() for n, p in net.named_parameters() if n not in frozen)
+            self.stage_plan.append({'stage': stage.index + 1, 'first_iter': stage.first_iter,
+                                    'until_iter': stage.until_iter, 'tasks': list(stage.tasks or ()),
+                                    'freeze': list(stage.freeze), 'trainable_params': trainable})
+            get_root_logger().info(f'Training {stage.describe(len(self.stages))}; trainable parameters {trainable:,}')
+
+    def _enter_stage(self, stage: Stage, resumed: bool = False) -> None:
+        """Switch to ``stage``: the training set's tasks, the frozen parameters, and a new optimizer and scheduler
+        where the stage needs one (``models.stages``)."""
+        self.stage = stage
+        dataset = training_set()
+        if dataset is not None:
+            dataset.set_stage_tasks(stage.tasks)
+        net = self.get_bare_model(self.net_g)
+        frozen = self._frozen_in(stage)
+        changed = False
+        for name, param in net.named_parameters():
+            if param.requires_grad != (name not in frozen):
+                param.requires_grad_(name not in frozen)
+                changed = True
+        if changed and self.opt['dist']:  # DDP fixes its parameter set when it wraps the network
+            self.net_g = BaseModel.model_to_device(self, net)
+        if stage.new_optimizer or changed or resumed:
+            self.optimizers, self.schedulers = [], []
+            self.setup_optimizers()
+            self.setup_schedulers()
+        trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        what = 'resuming in' if resumed else 'entering'
+        fresh = '; new optimizer and scheduler' if stage.new_optimizer or changed else ''
+        get_root_logger().info(f'Training: {what} {stage.describe(len(self.stages))}{fresh}; trainable '
+                               f'parameters {trainable:,}')
+
+    def _update_stage(self, current_iter: int) -> None:
+        stage = stage_at(self.stages, current_iter)
+        if stage is not None and stage is not self.stage:
+            self._enter_stage(stage)
+
     # ---------------------------------------------------------------- training step
     def feed_data(self, data):
         super().feed_data(data)
         self.labels = {k: data[k].to(self.device) for k in ('source', 'domain', 'task') if k in data}
         self.gt_paths = list(data.get('gt_path', ()))
+        self.task_names = list(data['task_name']) if 'task_name' in data else None
         self.source_names = list(data['source_name']) if 'source_name' in data else None
 
     def _autocast(self):
         return autocast(self.device, self.amp_dtype)
+
+    def _task_labels(self):
+        """The batch's task labels for a prompt mode with a prompt per task (``PromptedBackbone.task_labels``)."""
+        net = self.get_bare_model(self.net_g)
+        return net.task_labels(self.task_names) if hasattr(net, 'task_labels') else nullcontext()
 
     def _losses(self) -> 'OrderedDict[str, torch.Tensor]':
         losses = OrderedDict()
@@ -221,8 +290,9 @@ class DATPRLModel(SRModel):
         """One training step (module docstring). A step with a non-finite loss (on any rank) or, without the fp16
         scaler, a non-finite gradient is skipped before clipping, the optimizer and EMA, and its prompt selections
         are not counted."""
+        self._update_stage(current_iter)
         self.optimizer_g.zero_grad(set_to_none=True)
-        with self._autocast():
+        with self._autocast(), self._task_labels():
             self.output = self.net_g(self.lq)
             losses = self._losses()
         finite = self._all_finite(losses)
@@ -384,6 +454,8 @@ class DATPRLModel(SRModel):
         network_opt = self.opt.get(net_label.replace('net_', 'network_', 1))  # net_g -> network_g
         if network_opt:
             state[NETWORK_KEY] = plain_options(network_opt)
+        if getattr(self, 'stage_plan', None):
+            state[STAGES_KEY] = self.stage_plan
         name = 'latest' if current_iter == -1 else current_iter
         atomic_torch_save(state, osp.join(self.opt['path']['models'], f'{net_label}_{name}.pth'))
 
@@ -400,6 +472,8 @@ class DATPRLModel(SRModel):
         atomic_torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 
     def resume_training(self, resume_state):
+        if self.stages:  # the saved optimizer is that of the stage the saving run was in
+            self._enter_stage(stage_at(self.stages, int(resume_state['iter'])), resumed=True)
         super().resume_training(resume_state)
         if resume_state.get('scaler'):  # empty when the saving run had no fp16 scaling
             self.scaler.load_state_dict(resume_state['scaler'])

@@ -75,7 +75,7 @@ def build_scheduler(options: dict, optimizer: torch.optim.Optimizer):
     return SCHEDULERS[name](optimizer, **options)
 
 
-def resolve_parts(net: nn.Module, parts: Iterable[str]) -> set[str]:
+def resolve_parts(net: nn.Module, parts: Iterable[str], where: str = 'train.freeze') -> set[str]:
     """Parameter names of ``parts``: ``backbone``, ``prompts`` (the whole prompt system), or name prefixes such as
     ``degradation_prompt_pool`` or ``decoder_level1``. A part that matches nothing is an error."""
     names = [n for n, _ in net.named_parameters()]
@@ -89,7 +89,7 @@ def resolve_parts(net: nn.Module, parts: Iterable[str]) -> set[str]:
         else:
             match = {n for n in names if n == part or n.startswith(part.rstrip('.') + '.')}
         if not match:
-            raise ValueError(f"train.freeze: '{part}' matches no parameter of {type(net).__name__}; use 'backbone', "
+            raise ValueError(f"{where}: '{part}' matches no parameter of {type(net).__name__}; use 'backbone', "
                              f"'prompts' or a parameter-name prefix such as '{names[0].split('.')[0]}'")
         selected |= match
     return selected

@@ -9,6 +9,9 @@ Reads the network's last retrieval (``net.prompt_state``) and the batch labels, 
 - ``l_align``: ``use_clip_constraint``, ``clip_alignment_weight`` (1.0); domain prompts pulled to their images'
   description embeddings.
 
+A network whose prompt comes from a prompt mode (``PromptedBackbone`` with ``prompt: {type: ...}``) has no pools:
+its terms are the mode's own (``l_cls``, ``l_prompt_con``, ``l_assign``, ``l_kl``), weighted by the mode's options.
+
 Hard usage counters are kept over windows of ``stats_update_freq`` iterations and logged; with ``reinit_prompts``
 prompts never selected in a window are re-initialised. The alignment's projection (when the prompt and text widths
 differ) is owned here, so the network's state_dict keeps the official keys.
@@ -28,6 +31,7 @@ from torch import nn
 
 from basicsr.utils import get_root_logger
 
+from ..archs.prompt.modes import ModeState
 from ..losses import (DATPRLBalanceLoss, DATPRLDiversityLoss, DATPRLDomainAlignmentLoss, DATPRLSupConLoss,
                       TextSpaceProjection)
 from ..options import OptionFileError
@@ -112,6 +116,9 @@ class PromptObjectives(nn.Module):
         terms = OrderedDict()
         state = getattr(net, 'prompt_state', None)
         if state is None:
+            return terms
+        if isinstance(state, ModeState):  # a prompt mode: its own weighted terms (no pools)
+            terms.update(state.losses)
             return terms
         pools = _pools(net)
         outputs = {'task': state.task, 'domain': state.domain}

@@ -166,7 +166,7 @@ class PromptSystem(nn.Module):
 
         Inside :meth:`fixed_prompt` the given prompt is returned (``prompt_state`` is left as it was)."""
         if self._fixed_prompt is not None and not self._stop_after_prompt:
-            return self._fixed_prompt.expand(features['task'].shape[0], -1)
+            return self._fixed_prompt.expand(next(iter(features.values())).shape[0], -1)
         prompt = self._retrieve_prompt(features)
         if self._stop_after_prompt:
             raise _PromptComposed
