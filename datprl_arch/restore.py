@@ -3,8 +3,12 @@
     python -m datprl_arch.restore --ckpt experiments/NAME/models/net_g_latest.pth INPUT OUTPUT
     python -m datprl_arch.restore --ckpt official.pth --opt options/test/FILE.yml photos/ restored/ --tile 512
 
+    python -m datprl_arch.restore --ckpt explicit.pth INPUT OUTPUT --task derain
+    python -m datprl_arch.restore --ckpt explicit.pth INPUT OUTPUT --blend derain:dehaze:0.3
+
 INPUT is an image or a folder (PNG, TIFF, JPEG; 8/16-bit; gray or colour), OUTPUT a file or a folder; outputs keep
-the input's name, bit depth and channels. The library is :mod:`datprl_arch.inference.restore`.
+the input's name, bit depth and channels. ``--task``/``--blend`` fix the prompt of every image
+(:mod:`datprl_arch.inference.prompt_control`). The library is :mod:`datprl_arch.inference.restore`.
 """
 from __future__ import annotations
 
@@ -53,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--max-pixels', type=_int_at_least(1), default=MAX_PIXELS_PER_FORWARD, metavar='P',
                         help='without --tile, images above P pixels are restored in tiles of about sqrt(P) '
                         f'(default {MAX_PIXELS_PER_FORWARD})')
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument('--task', metavar='NAME', help="restore under task NAME's own prompt (checkpoints whose "
+                        'prompt type has a prompt per task: ExplicitPrompt, LowRankPrompt)')
+    prompt.add_argument('--blend', metavar='A:B:ALPHA', help='restore under (1-ALPHA) x prompt A + ALPHA x prompt B; '
+                        'A and B are task names or reference images (whose composed prompt is used)')
     parser.add_argument('--quiet', action='store_true', help='no progress bar and no information messages')
     return parser
 
@@ -65,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         jobs = plan_jobs(args.input, args.output)
         restorer = load_restorer(args.ckpt, args.opt, args.param_key, args.device, args.amp, args.tile,
-                                 args.tile_overlap, args.max_pixels)
+                                 args.tile_overlap, args.max_pixels, args.task, args.blend)
     except (RestoreError, CheckpointError, OptionFileError) as err:
         sys.exit(f'{PROG}: error: {err}')
     failures = restore_files(restorer, jobs, progress=not args.quiet)

@@ -333,3 +333,87 @@ def test_console_command_ends_with_one_message(tmp_path):
     assert done.returncode == 1 and 'Traceback' not in done.stderr
     assert done.stderr.strip().splitlines() == [f'datprl-restore: error: checkpoint {missing} does not exist']
     assert not (tmp_path / 'out').exists()
+
+
+# ------------------------------------------------------------------------------------------------ --task, --blend
+EXPLICIT = dict(type='PromptedBackbone', backbone=dict(type='EDSR', num_in_ch=3, num_out_ch=3, num_feat=8,
+                                                       num_block=2, upscale=1),
+                taps={}, inject_after=['body.1'], prompt={'type': 'ExplicitPrompt', 'tasks': ['derain', 'dehaze'],
+                                                          'width': 8}, probe_size=16)
+
+
+@pytest.fixture
+def explicit_checkpoint(tmp_path):
+    """An ExplicitPrompt network whose fusion is not at the identity (so the prompt shows in the output)."""
+    torch.manual_seed(0)
+    net = build_network(dict(EXPLICIT)).eval()
+    with torch.no_grad():
+        for param in net.fusions.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    path = tmp_path / 'explicit.pth'
+    torch.save({'params': net.state_dict(), 'network_g': dict(EXPLICIT)}, path)
+    return str(path), net
+
+
+def under(net, prompt, stored):
+    with net.fixed_prompt(prompt):
+        return expected(net, stored, ImageFormat(8, 3))
+
+
+def test_task_and_blend_restore_under_the_chosen_prompt(tmp_path, explicit_checkpoint):
+    ckpt, net = explicit_checkpoint
+    img = smooth_image((24, 32, 3), np.uint8)
+    cv2.imwrite(str(tmp_path / 'a.png'), img)
+    rain, haze = (net.prompt_mode.task_prompt(i).detach() for i in range(2))
+    results = {}
+    for flags in (['--task', 'derain'], ['--task', 'dehaze'], ['--blend', 'derain:dehaze:0'],
+                  ['--blend', 'derain:dehaze:1'], ['--blend', 'derain:dehaze:0.3']):
+        out = tmp_path / '_'.join(flags).replace(':', '-')
+        assert main(['--ckpt', ckpt, *flags, '--quiet', str(tmp_path / 'a.png'), str(out) + '/']) == 0
+        results[' '.join(flags)] = read(out / 'a.png')
+    assert np.array_equal(results['--task derain'], under(net, rain, img))
+    assert np.array_equal(results['--task dehaze'], under(net, haze, img))
+    assert not np.array_equal(results['--task derain'], results['--task dehaze'])
+    assert np.array_equal(results['--blend derain:dehaze:0'], results['--task derain'])  # the endpoints
+    assert np.array_equal(results['--blend derain:dehaze:1'], results['--task dehaze'])
+    assert np.array_equal(results['--blend derain:dehaze:0.3'], under(net, 0.7 * rain + 0.3 * haze, img))
+
+
+def test_blend_of_two_reference_images_uses_their_composed_prompts(tmp_path, checkpoint):
+    ckpt, ema = checkpoint  # dual prompt pools
+    img, ref_a, ref_b = (smooth_image((16, 24, 3), np.uint8, seed=s) for s in range(3))
+    for name, value in (('a', img), ('ref_a', ref_a), ('ref_b', ref_b)):
+        cv2.imwrite(str(tmp_path / f'{name}.png'), value)
+    blend = f"{tmp_path / 'ref_a.png'}:{tmp_path / 'ref_b.png'}:0.25"
+    assert main(['--ckpt', ckpt, '--blend', blend, '--quiet', str(tmp_path / 'a.png'), str(tmp_path / 'o') + '/']) == 0
+    to_tensor = lambda stored: img2tensor(stored.astype(np.float32) / 255, bgr2rgb=True, float32=True)[None]  # noqa
+    with torch.no_grad():
+        p_a, p_b = ema.eval().compute_prompt(to_tensor(ref_a)), ema.compute_prompt(to_tensor(ref_b))
+    assert np.array_equal(read(tmp_path / 'o' / 'a.png'), under(ema, torch.lerp(p_a, p_b, 0.25), img))
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--task', 'denoise'], r"task 'denoise' is not a task of this checkpoint \(its tasks: \['derain', 'dehaze'\]\)"),
+    (['--blend', 'derain:dehaze'], r'--blend expects A:B:ALPHA'),
+    (['--blend', 'derain:dehaze:1.5'], r'ALPHA must lie in \[0, 1\], got 1.5'),
+    (['--blend', 'derain:nothing.png:0.5'], r"'nothing.png' is neither a task of this checkpoint \(\['derain', "
+                                            r"'dehaze'\]\) nor an image file"),
+])
+def test_bad_prompt_choices_end_with_one_message(tmp_path, explicit_checkpoint, flags, message):
+    ckpt, _ = explicit_checkpoint
+    cv2.imwrite(str(tmp_path / 'a.png'), smooth_image((16, 16, 3), np.uint8))
+    with pytest.raises(SystemExit, match=message):
+        main(['--ckpt', ckpt, *flags, str(tmp_path / 'a.png'), str(tmp_path / 'out') + '/'])
+    assert not (tmp_path / 'out').exists() or not any((tmp_path / 'out').iterdir())
+
+
+def test_task_needs_a_prompt_per_task(tmp_path, checkpoint, capsys):
+    ckpt, _ = checkpoint
+    cv2.imwrite(str(tmp_path / 'a.png'), smooth_image((16, 16, 3), np.uint8))
+    with pytest.raises(SystemExit, match=r"task 'derain': DATPRLRestormer with dual prompt pools has no prompt per "
+                                         r'task; task prompts need a checkpoint trained with prompt type '
+                                         'ExplicitPrompt or LowRankPrompt'):
+        main(['--ckpt', ckpt, '--task', 'derain', str(tmp_path / 'a.png'), str(tmp_path / 'out') + '/'])
+    with pytest.raises(SystemExit):
+        main(['--ckpt', ckpt, '--task', 'a', '--blend', 'a:b:0', str(tmp_path / 'a.png'), str(tmp_path / 'o')])
+    assert 'not allowed with argument' in capsys.readouterr().err

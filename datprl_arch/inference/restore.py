@@ -35,6 +35,7 @@ from ..options import load_option_file
 from ..utils.checkpoint import (NETWORK_KEY, PARAM_KEYS, extract_state_dict, load_weights, network_options,
                                 read_checkpoint)
 from ..utils.precision import AMP_DTYPES, amp_problem, autocast
+from .prompt_control import PromptChoiceError, chosen_prompt, parse_blend
 from .tiling import check_tiling, plan_tiles, tiled_apply
 
 #: Inputs a folder is scanned for (case-insensitive).
@@ -192,6 +193,7 @@ class Restorer:
 
     ``tile``: tile an image whose longer side exceeds it into tiles of this side; None: tile only images above
     ``max_pixels`` (into tiles of :func:`auto_tile_side`). ``overlap``: of neighbouring tiles, in pixels.
+    ``prompt``: a fixed prompt for every image (:mod:`.prompt_control`); None: each image composes its own.
     """
 
     net: nn.Module
@@ -200,6 +202,7 @@ class Restorer:
     tile: Optional[int] = None
     overlap: int = DEFAULT_TILE_OVERLAP
     max_pixels: int = MAX_PIXELS_PER_FORWARD
+    prompt: Optional[torch.Tensor] = None  # [1, P]: every image under this prompt (--task, --blend)
     channels: int = field(init=False)
     auto_tile: int = field(init=False)
 
@@ -243,21 +246,43 @@ class Restorer:
         """Image ``[1, C, H, W]`` (RGB, ``[0, 1]``, CPU) -> (restored float32 ``[1, C, H, W]`` on the CPU, the tile
         side used or None). Tiles of a prompted network share the whole image's prompt."""
         side = self.tile_side(*x.shape[-2:])
-        if side is None:
+        if self.prompt is not None:
+            shared = self.net.fixed_prompt(self.prompt)
+        elif side is None:
             return self.forward(x), None
-        shared = self.net.fixed_prompt(self.image_prompt(x)) if self.prompted else nullcontext()
+        else:
+            shared = self.net.fixed_prompt(self.image_prompt(x)) if self.prompted else nullcontext()
         with shared:
-            return tiled_apply(self.forward, x, side, self.overlap), side
+            return (self.forward(x), None) if side is None else (tiled_apply(self.forward, x, side, self.overlap), side)
 
 
 def load_restorer(ckpt_path: str, opt_file: Optional[str] = None, param_key: Optional[str] = None,
                   device: Optional[str] = None, amp: Optional[str] = None, tile: Optional[int] = None,
-                  overlap: int = DEFAULT_TILE_OVERLAP, max_pixels: int = MAX_PIXELS_PER_FORWARD) -> Restorer:
-    """A :class:`Restorer` for a checkpoint; the options are checked before the checkpoint is read."""
+                  overlap: int = DEFAULT_TILE_OVERLAP, max_pixels: int = MAX_PIXELS_PER_FORWARD,
+                  task: Optional[str] = None, blend: Optional[str] = None) -> Restorer:
+    """A :class:`Restorer` for a checkpoint; the options are checked before the checkpoint is read. ``task`` or
+    ``blend`` fix the prompt of every image (:mod:`.prompt_control`)."""
     torch_device = resolve_device(device, amp)
     check_tiling_options(tile, overlap, max_pixels)
+    if blend is not None:
+        parse_blend_or_fail(blend)
     net = load_network(ckpt_path, opt_file, param_key).to(torch_device)
-    return Restorer(net, torch_device, AMP_DTYPES.get(amp), tile, overlap, max_pixels)
+    restorer = Restorer(net, torch_device, AMP_DTYPES.get(amp), tile, overlap, max_pixels)
+    try:
+        restorer.prompt = chosen_prompt(restorer, task, blend)
+    except PromptChoiceError as err:
+        raise RestoreError(str(err)) from None
+    if restorer.prompt is not None:
+        get_root_logger().info(f"Every image under the prompt of {'task ' + task if task else 'the blend ' + blend}")
+    return restorer
+
+
+def parse_blend_or_fail(blend: str) -> None:
+    """Check a ``--blend`` value before any checkpoint is read."""
+    try:
+        parse_blend(blend)
+    except PromptChoiceError as err:
+        raise RestoreError(str(err)) from None
 
 
 def restore_file(restorer: Restorer, src: str, dst: str) -> None:
