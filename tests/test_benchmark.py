@@ -323,6 +323,10 @@ def test_output_of_the_wrong_size_is_a_clear_error(tmp_path):
 
 
 # ------------------------------------------------------------------ the command end to end
+STAGES = [{'stage': 1, 'first_iter': 1, 'until_iter': 4, 'tasks': ['derain'], 'freeze': [], 'trainable_params': 1000},
+          {'stage': 2, 'first_iter': 5, 'until_iter': 8, 'tasks': [], 'freeze': ['backbone'], 'trainable_params': 12}]
+
+
 @pytest.fixture(scope='module')
 def bench_data(tmp_path_factory):
     """A disk set (8-bit colour) and a two-source set (16-bit gray LMDB + 16-bit gray disk); checkpoints 'plain'
@@ -339,7 +343,8 @@ def bench_data(tmp_path_factory):
     tuned, ema = build_network(dict(DATPRL_NET)), build_network(dict(DATPRL_NET))
     with torch.no_grad():
         ema.output.weight.mul_(0.1)  # near identity (global residual): differs from 'params'
-    torch.save({'params': tuned.state_dict(), 'params_ema': ema.state_dict()}, root / 'tuned.pth')
+    torch.save({'params': tuned.state_dict(), 'params_ema': ema.state_dict(), 'training_stages': STAGES},
+               root / 'tuned.pth')
     datasets = {'test_rain': dict(name='rain', type='DATPRLMultiDomainDataset',
                                   datasets=[_source('rain', 'natural', 'derain', root / 'rain')]),
                 'test_med': dict(name='med', type='DATPRLMultiDomainDataset',
@@ -378,6 +383,9 @@ def test_cli_compares_two_checkpoints_against_the_input(bench_data, tmp_path):
 
     # provenance
     assert [c['label'] for c in report['checkpoints']] == ['plain', 'tuned']
+    assert [c['training_stages'] for c in report['checkpoints']] == [[], STAGES]
+    assert ('- tuned: stage 1 (iters 1-4, tasks derain): 1,000 trainable; stage 2 (iters 5-8, tasks all; frozen '
+            'backbone): 12 trainable') in (results / 'report.md').read_text()
     assert [(c['network'], c['network_from']) for c in report['checkpoints']] == [
         ('PaddedRestormer', 'checkpoint'), ('DATPRLRestormer', 'option file')]
     for c in report['checkpoints']:

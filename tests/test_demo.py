@@ -48,8 +48,10 @@ def test_ablation_summary_is_the_mean_and_spread_over_seeds():
     assert set_a['configs']['full']['psnr_out_std'] == 0.0
     overall = next(r for r in summary['rows'] if r['level'] == 'overall')
     assert overall['configs']['full']['psnr_out'] == pytest.approx((22.0 + 22.5) / 2)
-    assert summary['configs']['base'] == {'parameters': 100, 'seeds': [0, 1]}
+    assert summary['configs']['base'] == {'parameters': 100, 'trainable_per_stage': [], 'seeds': [0, 1]}
+    summary['configs']['full']['trainable_per_stage'] = [100, 1234]
     text = markdown(summary, {'base': 0.25, 'full': None})
+    assert '| trainable per stage | | | all | 100 / 1,234 |' in text
     assert '| set | a | 20.00 | 22.00 (+2.00 ± 1.41) | 24.00 (+4.00 ± 0.00) |' in text
     assert '| s / training step | | | 0.250 | - |' in text and 'seeds 0, 1' in text
 

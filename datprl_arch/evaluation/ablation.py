@@ -69,6 +69,8 @@ def summarize(report: dict, runs: 'OrderedDict[str, list[tuple[int, str]]]') -> 
     report whose checkpoints are the runs' (``runs``: configuration name -> [(seed, checkpoint path)])."""
     label_of = {osp.abspath(c['path']): c['label'] for c in report['checkpoints']}
     params = {c['label']: c['parameters'] for c in report['checkpoints']}
+    stages = {c['label']: [st['trainable_params'] for st in c.get('training_stages') or ()]
+              for c in report['checkpoints']}
     rows = []
     for level in LEVELS:
         records = report['rows'] if level == 'set' else [a for a in report['aggregates'][level]]
@@ -86,6 +88,7 @@ def summarize(report: dict, runs: 'OrderedDict[str, list[tuple[int, str]]]') -> 
                                           'gain_psnr_std': gain_std, 'n_seeds': len(mine)}
             rows.append(row)
     configs = OrderedDict((config, {'parameters': params[label_of[osp.abspath(members[0][1])]],
+                                    'trainable_per_stage': stages[label_of[osp.abspath(members[0][1])]],
                                     'seeds': [s for s, _ in members]}) for config, members in runs.items())
     return {'rows': rows, 'configs': configs}
 
@@ -106,6 +109,9 @@ def markdown(summary: dict, step_times: dict) -> str:
                      + ' | '.join(_cell(row['configs'][c]) for c in configs) + ' |')
     lines.append('| parameters | | | ' + ' | '.join(f"{summary['configs'][c]['parameters']:,}" for c in configs)
                  + ' |')
+    lines.append('| trainable per stage | | | ' + ' | '.join(
+        ' / '.join(f'{n:,}' for n in summary['configs'][c].get('trainable_per_stage') or ()) or 'all'
+        for c in configs) + ' |')
     lines.append('| s / training step | | | ' + ' | '.join(
         '-' if step_times.get(c) is None else f'{step_times[c]:.3f}' for c in configs) + ' |')
     seeds = summary['configs'][configs[0]]['seeds']

@@ -110,6 +110,15 @@ def console_table(report: dict) -> str:
     return '\n'.join(lines)
 
 
+def stage_text(stage: dict) -> str:
+    """One entry of a checkpoint's ``training_stages``, e.g. ``stage 2 (iters 501-1000, tasks derain, dehaze;
+    frozen backbone): 12,345 trainable``."""
+    tasks = ', '.join(stage.get('tasks') or ()) or 'all'
+    frozen = f"; frozen {', '.join(stage['freeze'])}" if stage.get('freeze') else ''
+    return (f"stage {stage['stage']} (iters {stage['first_iter']}-{stage['until_iter']}, tasks {tasks}{frozen}): "
+            f"{stage['trainable_params']:,} trainable")
+
+
 def markdown(report: dict) -> str:
     """``report.md``: provenance (option file, versions, date, metrics, checkpoints), the table and the notes."""
     versions = ', '.join(f'{k} {v}' for k, v in report['versions'].items())
@@ -128,6 +137,10 @@ def markdown(report: dict) -> str:
              '|---|---|---|---|---|---|']
     lines += [f"| {c['label']} | {c['network']} | {c['network_from']} | {c['parameters']:,} | `{c['path']}` | "
               f"`{c['sha256']}` |" for c in report['checkpoints']]
+    staged = [c for c in report['checkpoints'] if c.get('training_stages')]
+    if staged:
+        lines += ['', 'Training stages (trainable parameters of each):', '']
+        lines += [f"- {c['label']}: " + '; '.join(stage_text(s) for s in c['training_stages']) for c in staged]
     lines += ['', '## Results', '', *table_lines(report), '']
     if report['notes']:
         lines += ['## Notes', '', *[f'- {note}' for note in report['notes']], '']

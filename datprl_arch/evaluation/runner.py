@@ -31,7 +31,7 @@ from basicsr.utils.logger import initialized_logger
 
 from ..data.sources import DataSourceError
 from ..options import OptionFileError, load_option_file
-from ..utils.checkpoint import CheckpointError, network_options, read_checkpoint
+from ..utils.checkpoint import STAGES_KEY, CheckpointError, network_options, read_checkpoint
 from ..utils.precision import AMP_DTYPES, amp_problem, autocast
 from .aggregate import aggregates, summarize_set
 from .metrics import NATIVE, metric_bits_note, parse_metric_bits, score, upsample_to
@@ -62,6 +62,7 @@ class CheckpointInfo:
     network_opt: dict
     network_source: str  # 'checkpoint' (its network_g) or 'option file'
     parameters: int = 0
+    training_stages: list = field(default_factory=list)  # train.stages plan with trainable parameters, if any
 
 
 @dataclass
@@ -126,13 +127,16 @@ def _inspect_checkpoints(paths: Sequence[str], option_network: Optional[dict], o
     labels = checkpoint_labels(paths)
     infos = []
     for path, label in zip(paths, labels):
-        carried = network_options(read_checkpoint(path))  # CheckpointError names a missing / unreadable file
+        checkpoint = read_checkpoint(path)  # CheckpointError names a missing / unreadable file
+        carried = network_options(checkpoint)
         if carried is None and not option_network:
             raise BenchmarkError(f'{path} carries no network options and {option_file} has no network_g: the '
                                  'network to load it into is unknown.')
         network = carried or dict(option_network)
         infos.append(CheckpointInfo(path, label, file_sha256(path), network,
-                                    'checkpoint' if carried else 'option file'))
+                                    'checkpoint' if carried else 'option file',
+                                    training_stages=list(checkpoint.get(STAGES_KEY) or [])
+                                    if isinstance(checkpoint, dict) else []))
     return infos
 
 
@@ -375,7 +379,7 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
         'param_key': test_opt['path']['param_key_g'], 'versions': _versions(),
         'checkpoints': [{'label': i.label, 'path': osp.abspath(i.path), 'sha256': i.sha256,
                          'network': i.network_opt['type'], 'network_from': i.network_source,
-                         'parameters': i.parameters} for i in infos],
+                         'parameters': i.parameters, 'training_stages': i.training_stages} for i in infos],
         'notes': _notes(sets), 'rows': rows, 'aggregates': aggregates(rows), 'images': images,
     }
     files = write_reports(report, results_dir)

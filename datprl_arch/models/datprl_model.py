@@ -43,7 +43,7 @@ from ..errors import DatprlError
 from ..evaluation.metrics import metric_bits_note, parse_metric_bits, score
 from ..losses.pixel_weighting import DEFAULT_FLOOR, PIXEL_WEIGHTINGS, error_weights
 from ..utils.atomic import atomic_torch_save
-from ..utils.checkpoint import NETWORK_KEY, load_checkpoint, plain_options
+from ..utils.checkpoint import NETWORK_KEY, STAGES_KEY, load_checkpoint, plain_options
 from ..utils.precision import AMP_DTYPES, amp_problem, autocast
 from ..utils.registry import register
 from .analysis import PromptAnalysis
@@ -53,7 +53,6 @@ from .reporting import ValidationReport, write_result_image
 from .stages import Stage, parse_stages, stage_at
 
 BACKBONE_PATH_KEY = 'pretrain_network_backbone'
-STAGES_KEY = 'training_stages'  # checkpoint key: the stage plan (trainable parameters per stage)
 BASICSR_TRAIN_KEYS = ('ema_decay', 'optim_g', 'scheduler', 'total_iter', 'warmup_iter', 'pixel_opt', 'perceptual_opt')
 MODEL_TRAIN_KEYS = ('fft_opt', 'prompt_lr', 'use_amp', 'amp_dtype', 'grad_clip', 'freeze', 'compile',
                     'max_nonfinite_steps', 'enable_prompt_analysis', 'prompt_analysis_freq',

@@ -25,6 +25,7 @@ WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DataParallel/DDP and torch.compi
 #: Entry of the checkpoints this package saves that holds the network's ``network_g`` options (type and
 #: configuration), so a checkpoint can be rebuilt without its option file (``restore``, ``benchmark``).
 NETWORK_KEY = 'network_g'
+STAGES_KEY = 'training_stages'  # the train.stages plan with each stage's trainable parameters (DATPRLModel)
 
 
 class CheckpointError(DatprlError, RuntimeError):
