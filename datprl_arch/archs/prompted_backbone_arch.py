@@ -267,7 +267,7 @@ class PromptedBackbone(PromptSystem):
     def _taps(taps: dict, needed: Sequence[str], probe: Probe) -> dict:
         unknown = [t for t in taps if t not in needed]
         if unknown:
-            extra = ' (the domain tap needs a domain pool)' if unknown == ['domain'] else ''
+            extra = ' (the domain tap needs a domain pool)' if unknown == ['domain'] and 'task' in needed else ''
             raise NetworkOptionError(f"taps: unknown tap '{unknown[0]}'; this prompt system reads "
                                      f'{list(needed)}{extra}')
         missing = [t for t in needed if t not in taps]
