@@ -3,6 +3,7 @@
 #               it against the degraded inputs on the 9 test sets and on the unseen check
 #   make test   install once, lint, then run the test suite (all of it: exactly what .ci/run runs)
 # Also: make demo-ablation (prompt-free backbone, task pool only, full DATPRL; 3 seeds each at the demo's budget),
+#       make demo-methods (the related methods as prompt modes beside DATPRL, one seed each at the demo's budget),
 #       make test-fast (the suite without the slow end-to-end subprocess tests, for the edit loop),
 #       make lint (flake8 and isort at 120 columns, configured in setup.cfg).
 # Installation is stamped in $(VENV)/.installed and reruns only when setup.py or requirements/ change.
@@ -13,7 +14,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 MD_MINI := datasets/md_mini
 
-.PHONY: install demo demo-ablation test test-fast lint clean
+.PHONY: install demo demo-ablation demo-methods test test-fast lint clean
 
 install: $(STAMP)
 
@@ -43,6 +44,14 @@ demo: $(MD_MINI)/texts.pt
 
 demo-ablation: $(MD_MINI)/texts.pt
 	$(PY) -m datprl_arch.ablation
+
+# DATPRL, task pool only, prompt-free, MiO (sequential + explicit, sequential + adaptive), TAP, DPPD, SwinIR DATPRL
+METHODS := options/demo/md_mini_train.yml options/demo/md_mini_taskpool.yml options/demo/md_mini_baseline.yml \
+	options/train/md_mini_mio_explicit.yml options/train/md_mini_mio_adaptive.yml options/train/md_mini_tap.yml \
+	options/train/md_mini_dppd.yml options/train/md_mini_swinir.yml
+SEEDS ?= 0
+demo-methods: $(MD_MINI)/texts.pt
+	$(PY) -m datprl_arch.ablation --configs $(METHODS) --seeds $(SEEDS) --name datprl_md_mini_methods
 
 test: lint
 	$(PY) -m pytest -q tests

@@ -225,7 +225,7 @@ class PromptedBackbone(PromptSystem):
         channels = in_channels or input_channels(backbone)
         probe = probe_backbone(self.backbone, channels, probe_size)
         self._check_scale_one(probe)
-        runs = self._taps(dict(taps or {}), needed, probe)
+        runs = self._taps(dict(taps or {}), needed, probe, kind == DUAL_POOL)
         points = resolve_modules([inject_after] if isinstance(inject_after, str) else list(inject_after or ()),
                                  probe, 'inject_after')
         if not points:
@@ -264,10 +264,10 @@ class PromptedBackbone(PromptSystem):
                                      'one')
 
     @staticmethod
-    def _taps(taps: dict, needed: Sequence[str], probe: Probe) -> dict:
+    def _taps(taps: dict, needed: Sequence[str], probe: Probe, dual_pool: bool = True) -> dict:
         unknown = [t for t in taps if t not in needed]
         if unknown:
-            extra = ' (the domain tap needs a domain pool)' if unknown == ['domain'] and 'task' in needed else ''
+            extra = ' (the domain tap needs a domain pool)' if unknown == ['domain'] and dual_pool else ''
             raise NetworkOptionError(f"taps: unknown tap '{unknown[0]}'; this prompt system reads "
                                      f'{list(needed)}{extra}')
         missing = [t for t in needed if t not in taps]

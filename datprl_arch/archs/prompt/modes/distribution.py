@@ -1,4 +1,4 @@
-"""DPPD's dynamic prompts (Wu et al. 2025; no public code: our reconstruction, docs/methods.md): degradation
+"""DPPD's dynamic prompts (Wu et al. 2025; no public code: our reconstruction, docs/method.md): degradation
 prototype assignment (DPA) and prompt distribution learning (PDL).
 
 DPA: the task tap's features give a degradation query ``q`` ``[B, D]`` (a pool query as DATPRL's); with ``K``

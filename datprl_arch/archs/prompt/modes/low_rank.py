@@ -1,4 +1,4 @@
-"""TAP's task-aware low-rank prompts (Wang et al. 2025; no public code: our reconstruction, docs/methods.md).
+"""TAP's task-aware low-rank prompts (Wang et al. 2025; no public code: our reconstruction, docs/method.md).
 
 Every task's prompt is a task-general part plus a task-specific combination of a shared low-rank basis:
 
