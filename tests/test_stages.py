@@ -174,3 +174,26 @@ def test_sequential_then_prompt_tuning_through_the_runner_and_resume(tmp_path, d
     out = finish(train(tmp_path, write(tmp_path / 'r.yml', opt)))
     assert re.search(r'Training: resuming in stage 3/4, iters 5-6', out)
     assert re.findall(r'Training: entering stage (\d)/4', out) == ['4']
+
+
+SWINIR = dict(type='SwinIR', upscale=1, upsampler='', img_size=16, window_size=4, embed_dim=12, depths=[1, 1],
+              num_heads=[2, 2], mlp_ratio=2)
+MODES = {'ExplicitPrompt': ({'tasks': TASKS}, {'l_cls'}), 'AdaptivePrompt': ({}, set()),
+         'LowRankPrompt': ({'tasks': TASKS, 'rank': 2}, {'l_cls', 'l_prompt_con'}),
+         'DistributionPrompt': ({'prototypes': 3, 'query_dim': 8}, {'l_assign', 'l_kl'})}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('backbone', ['EDSR', 'SwinIR'])
+@pytest.mark.parametrize('mode', list(MODES))
+def test_every_mode_trains_through_the_runner(tmp_path, data, mode, backbone):  # noqa: F811
+    options_, terms = MODES[mode]
+    opt = options(data, f'{mode}_{backbone}', total_iter=3)
+    taps = {'task': 'body.0' if backbone == 'EDSR' else 'layers.0'} if mode == 'DistributionPrompt' else {}
+    opt['network_g'] = wrapped({'type': mode, 'width': 8, **options_}, taps)
+    if backbone == 'SwinIR':  # token sequences; any image size through padding
+        opt['network_g'].update(backbone=dict(SWINIR), inject_after=['layers.1'], pad_multiple=4)
+    out = finish(train(tmp_path, write(tmp_path / 'o.yml', opt)))
+    logged = re.findall(r'iter:\s+3, lr.*?\] (.*)', out)[0]
+    assert set(re.findall(r'(l_\w+):', logged)) == {'l_pix'} | terms
+    assert re.search(r'Validation val_rain.*\n\s+# psnr: [\d.]+', out)
