@@ -197,3 +197,20 @@ def test_every_mode_trains_through_the_runner(tmp_path, data, mode, backbone):  
     logged = re.findall(r'iter:\s+3, lr.*?\] (.*)', out)[0]
     assert set(re.findall(r'(l_\w+):', logged)) == {'l_pix'} | terms
     assert re.search(r'Validation val_rain.*\n\s+# psnr: [\d.]+', out)
+
+
+def test_loader_workers_see_a_stage_change_made_in_the_main_process(tmp_path, data):  # noqa: F811
+    from basicsr.data import build_dataloader
+    from basicsr.data.data_sampler import EnlargedSampler
+    opt = _model_opt(data, tmp_path)['datasets']['train']
+    opt.update(num_worker_per_gpu=1, batch_size_per_gpu=4, persistent_workers=True)
+    dataset = build_dataset(opt)
+    dataset.set_stage_tasks(['derain'])
+    sampler = EnlargedSampler(dataset, num_replicas=1, rank=0, ratio=10)
+    loader = build_dataloader(dataset, opt, num_gpu=0, dist=False, sampler=sampler, seed=0)
+    assert loader.num_workers == 1 and loader.persistent_workers
+    batches = iter(loader)
+    assert all(set(next(batches)['task_name']) == {'derain'} for _ in range(3))
+    dataset.set_stage_tasks(['deblur', 'ct_denoise'])
+    later = [set(next(batches)['task_name']) for _ in range(6)]  # the first ones were prepared before the change
+    assert later[-1] == {'deblur', 'ct_denoise'} and 'derain' not in set().union(*later[3:])
