@@ -314,7 +314,8 @@ def _check_network(c: Checker, opt: Mapping) -> None:
             c.typed(f'{key}.backbone', section['backbone'], ARCH_REGISTRY, 'network')  # the wrapped network
 
 
-def _check_train(c: Checker, train: Mapping, train_keys, optimizers, schedulers, ours: bool) -> None:
+def _check_train(c: Checker, train: Mapping, train_keys, optimizers, schedulers, ours: bool,
+                 train_tasks: Optional[set] = None) -> None:
     from basicsr.utils.registry import LOSS_REGISTRY
 
     from .models.datprl_model import AMP_DTYPES, TRAIN_KEYS
@@ -382,6 +383,40 @@ def _check_train(c: Checker, train: Mapping, train_keys, optimizers, schedulers,
     why = clip_constraint_problem(train)
     if why:
         c.add('train', why + '.')
+    if 'stages' in train:
+        _check_stages(c, train, train_tasks)
+
+
+def _train_tasks(opt: Mapping) -> Optional[set]:
+    """The task names of the multi-domain training set (its ``tasks`` list, else its sources' ``task``, official
+    files: their ``name``); None when the file does not say."""
+    train = (opt.get('datasets') or {}).get('train') if isinstance(opt.get('datasets'), Mapping) else None
+    if not isinstance(train, Mapping):
+        return None
+    if isinstance(train.get('tasks'), list):
+        return {str(t) for t in train['tasks']}
+    sources = train.get('datasets')
+    if not isinstance(sources, list) or not all(isinstance(s, Mapping) for s in sources):
+        return None
+    return {str(s.get('task', s.get('name'))) for s in sources}
+
+
+def _check_stages(c: Checker, train: Mapping, train_tasks: Optional[set]) -> None:
+    """``train.stages`` as the training model parses it, and every stage's tasks among the training set's."""
+    from .models.stages import parse_stages
+
+    total = train.get('total_iter')
+    try:
+        stages = parse_stages(train['stages'], total if isinstance(total, int) else 1)
+    except ValueError as err:
+        where, _, message = str(err).partition(' ')
+        c.add(where.rstrip(':'), message)
+        return
+    for stage in stages:
+        unknown = [t for t in stage.tasks or () if train_tasks is not None and t not in train_tasks]
+        if unknown:
+            c.add(f'train.stages[{stage.index}].tasks', f'{unknown[0]!r} is not a task of datasets.train (its tasks: '
+                  f'{sorted(train_tasks)}).')
 
 
 def _check_logger(c: Checker, logger: Mapping, is_train: bool) -> None:
@@ -523,7 +558,7 @@ def validate(opt: Mapping, is_train: bool, option_file: str = '<option file>') -
     if 'datasets' in opt and c.section('datasets', opt['datasets'], REQUIRED_WHAT['datasets']) is not None:
         _check_datasets(c, opt['datasets'], is_train)
     if is_train and isinstance(opt.get('train'), Mapping):
-        _check_train(c, opt['train'], train_keys, optimizers, schedulers, ours)
+        _check_train(c, opt['train'], train_keys, optimizers, schedulers, ours, _train_tasks(opt))
     elif is_train and 'train' in opt:
         c.section('train', opt['train'], REQUIRED_WHAT['train'])
     if isinstance(opt.get('logger'), Mapping):

@@ -406,6 +406,14 @@ def _scheduler_missing_arg(o):
     del o['train']['scheduler']['periods']
 
 
+def _stages_out_of_order(o):
+    o['train']['stages'] = [{'until_iter': 500}, {'until_iter': 400}, {}]
+
+
+def _stage_task_typo(o):
+    o['train']['stages'] = [{'until_iter': 500, 'tasks': ['derian']}, {}]
+
+
 OPTION_CASES = [
     (_lr, "train.optim_g.lr: found the string '1e-3', expected a number > 0 (YAML 1.1 reads an exponent without a "
           "decimal point as a string: write `!!float 1e-3`)."),
@@ -425,6 +433,9 @@ OPTION_CASES = [
     (_metric_typo, "val.metrics.psnr.type: the string 'calculate_pnsr' is not a registered metric (did you mean "
                    '`calculate_psnr`?'),
     (_scheduler_missing_arg, 'train.scheduler.periods: missing; CosineAnnealingRestartLR (scheduler) needs it.'),
+    (_stages_out_of_order, 'train.stages[1].until_iter: must be an integer >= 501 (stages run in order, each until '
+                           'its until_iter), got 400'),
+    (_stage_task_typo, "train.stages[0].tasks: 'derian' is not a task of datasets.train (its tasks: ['clean', "),
 ]
 
 
