@@ -7,6 +7,10 @@ domain query reads ``taps.domain``, the task query ``taps.task``); once every ta
 gated fusion (AGF) with that prompt. Feature maps ``[B, C, H, W]`` and token sequences ``[B, N, C]`` are both
 handled; channels, layouts and the call order are found by probing the backbone once at construction.
 
+``prompt.type`` other than ``DualPool`` replaces the pools by a prompt mode of :mod:`.prompt.modes` (MiO IR's
+explicit and adaptive prompts, TAP's low-rank prompts, DPPD's prompt distributions); a mode reading the input image
+composes its prompt before the backbone runs, and the same gated fusions inject it.
+
 The backbone's keys stay intact under ``backbone.``: a plain backbone checkpoint loads with
 :meth:`PromptedBackbone.load_backbone` (option ``path.pretrain_network_backbone``). With ``fusion.gate_init:
 identity`` (the default) the wrapped network's output equals the bare backbone's exactly at initialisation.
