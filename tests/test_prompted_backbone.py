@@ -265,6 +265,17 @@ def test_padding_lets_swinir_take_any_size():
         assert out.shape == x.shape and torch.equal(out, plain(padded)[..., :18, :23])
 
 
+def test_a_backbone_with_its_own_prompts_is_refused():
+    from networks import TINY
+    with pytest.raises(NetworkOptionError, match=r'backbone DATPRLRestormer has a prompt system of its own: wrap its '
+                                                 r'prompt-free form \(use_prompt: false\)'):
+        build_network({'type': 'PromptedBackbone', 'backbone': dict(TINY), 'taps': {}, 'inject_after': ['output'],
+                       'prompt': {'type': 'AdaptivePrompt'}})
+    plain = build_network({'type': 'PromptedBackbone', 'backbone': dict(TINY, use_prompt=False), 'taps': {},
+                           'inject_after': ['latent_blocks'], 'prompt': {'type': 'AdaptivePrompt'}, 'probe_size': 16})
+    assert plain.backbone.prompt_width is None
+
+
 def test_gate_values_are_reported_for_fusions():
     from datprl_arch.models.analysis import gate_values
     net = wrapped('RRDBNet')

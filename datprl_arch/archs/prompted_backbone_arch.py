@@ -152,9 +152,13 @@ def build_backbone(options: Mapping) -> nn.Module:
         raise NetworkOptionError(f"backbone.type '{options['type']}' is not a registered network (BasicSR's "
                                  "ARCH_REGISTRY and this package's networks; a plugin must be imported first)")
     try:
-        return build_network(dict(options))
+        net = build_network(dict(options))
     except TypeError as err:
         raise NetworkOptionError(f"backbone {options['type']}: {err}") from err
+    if isinstance(net, PromptSystem) and net.prompt_width is not None:
+        raise NetworkOptionError(f"backbone {options['type']} has a prompt system of its own: wrap its prompt-free "
+                                 'form (use_prompt: false), or train it without PromptedBackbone')
+    return net
 
 
 def input_channels(options: Mapping) -> int:
