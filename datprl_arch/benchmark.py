@@ -40,6 +40,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--device', choices=('cpu', 'cuda'), help='default: cuda if available, else cpu')
     parser.add_argument('--amp', choices=sorted(AMP_DTYPES),
                         help='mixed precision: bf16/fp16 on CUDA, bf16 on CPUs with native bf16 (default: float32)')
+    parser.add_argument('--task-prompts', action='store_true', help="restore each set under its task's own prompt "
+                        '(the label) instead of the one the network picks (ExplicitPrompt, LowRankPrompt)')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')
     return parser.parse_args(argv)
 
@@ -57,7 +59,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     def pipeline(root: str) -> None:
         print_summary(run_benchmark(args.opt, args.ckpt, name=args.name, metric_bits=args.metric_bits,
-                                    device=args.device, quiet=args.quiet, root=root, amp=args.amp))
+                                    device=args.device, quiet=args.quiet, root=root, amp=args.amp,
+                                    task_prompts=args.task_prompts))
 
     run_pipeline(pipeline, PROG, errors=USER_ERRORS)
 

@@ -513,3 +513,34 @@ def test_amp_runs_the_test_path_in_bf16_or_is_refused_with_the_reason(bench_data
     for fp32, bf16 in zip(reports[None]['rows'], reports['bf16']['rows']):
         assert bf16['psnr_in'] == fp32['psnr_in']  # the input is scored as stored
         assert bf16['psnr_out'] == pytest.approx(fp32['psnr_out'], abs=BF16_PSNR_TOLERANCE_DB)
+
+
+EXPLICIT = dict(type='PromptedBackbone', backbone=dict(type='EDSR', num_in_ch=3, num_out_ch=3, num_feat=8,
+                                                       num_block=2, upscale=1),
+                taps={}, inject_after=['body.1'], probe_size=16,
+                prompt={'type': 'ExplicitPrompt', 'tasks': ['derain', 'ct_denoise', 'mri_denoise'], 'width': 8})
+
+
+def test_task_prompts_restore_each_set_under_its_labels_prompt(bench_data, tmp_path):
+    torch.manual_seed(0)
+    net = build_network(dict(EXPLICIT))
+    with torch.no_grad():
+        for param in net.fusions.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    torch.save({'params': net.state_dict(), 'network_g': dict(EXPLICIT)}, tmp_path / 'explicit.pth')
+    with torch.no_grad():  # every row the derain prompt: whatever the classifier picks, a rain image gets it
+        net.prompt_mode.task_prompts.weight.copy_(net.prompt_mode.task_prompts.weight[0].expand(3, -1))
+    torch.save({'params': net.state_dict(), 'network_g': dict(EXPLICIT)}, tmp_path / 'all_derain.pth')
+    option = str(bench_data / 'bench.yml')
+    labelled = run_benchmark(option, [str(tmp_path / 'explicit.pth')], name='labelled', quiet=True,
+                             root=str(tmp_path), task_prompts=True)
+    forced = run_benchmark(option, [str(tmp_path / 'all_derain.pth')], name='forced', quiet=True, root=str(tmp_path))
+    rain = lambda report: next(r for r in report['rows'] if r['set'] == 'rain')  # noqa: E731
+    assert labelled['task_prompts'] and not forced['task_prompts']
+    assert rain(labelled)['psnr_out'] == rain(forced)['psnr_out']
+    report_md = (tmp_path / 'results' / 'labelled' / 'report.md').read_text()
+    assert "under its task's own prompt (--task-prompts)" in report_md
+    with pytest.raises(BenchmarkError, match=r"--task-prompts, .*tuned.pth: task 'derain': DATPRLRestormer with dual "
+                                             'prompt pools has no prompt per task'):
+        run_benchmark(option, [str(bench_data / 'tuned.pth')], name='x', quiet=True, root=str(tmp_path),
+                      task_prompts=True)

@@ -110,6 +110,9 @@ def console_table(report: dict) -> str:
     return '\n'.join(lines)
 
 
+TASK_PROMPTS_NOTE = "; every set restored under its task's own prompt (--task-prompts)"
+
+
 def stage_text(stage: dict) -> str:
     """One entry of a checkpoint's ``training_stages``, e.g. ``stage 2 (iters 501-1000, tasks derain, dehaze;
     frozen backbone): 12,345 trainable``."""
@@ -127,7 +130,7 @@ def markdown(report: dict) -> str:
                         for m, o in report['metrics'].items())
     lines = [f"# Benchmark {report['name']}", '',
              f"- option file: `{report['option_file']}` (model {report['model_type']}, device {report['device']}, "
-             f"autocast {report.get('amp', 'none')})",
+             f"autocast {report.get('amp', 'none')}){TASK_PROMPTS_NOTE if report.get('task_prompts') else ''}",
              f"- date: {report['date']}", f'- versions: {versions}',
              f"- metric bits: {report['metric_bits']}. {report['metric_note']}", f'- metrics: {metrics}',
              f"- weights: entry `{report['param_key']}` of each checkpoint (else params_ema, then params)",

@@ -17,6 +17,7 @@ import os
 import os.path as osp
 import platform
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -219,11 +220,22 @@ def _build_model(model_opt: dict, info: CheckpointInfo, option_file: str):
                              f'cannot be built: {err}') from err
 
 
+def _label_prompt(model, info: CheckpointInfo, task: str):
+    """``fixed_prompt`` of task ``task``'s own prompt (``--task-prompts``), for a mode with a prompt per task."""
+    from ..inference.prompt_control import PromptChoiceError, task_prompt
+
+    net = model._tested_net()
+    try:
+        return net.fixed_prompt(task_prompt(net, task).to(next(net.parameters()).device))
+    except PromptChoiceError as err:
+        raise BenchmarkError(f'--task-prompts, {info.path}: {err}') from None
+
+
 def _evaluate(model, info: CheckpointInfo, sets, metric_opts, metric_bits: str, first: bool,
-              samples: dict, quiet: bool, amp_context) -> None:
-    """Score every image of every set with ``model`` (its test path run inside ``amp_context``); the input's
-    scores on the first checkpoint's pass; keeps the image of largest PSNR gain per set (first checkpoint) for the
-    sample picture."""
+              samples: dict, quiet: bool, amp_context, task_prompts: bool = False) -> None:
+    """Score every image of every set with ``model`` (its test path run inside ``amp_context``; with
+    ``task_prompts`` under the prompt of each set's task); the input's scores on the first checkpoint's pass; keeps
+    the image of largest PSNR gain per set (first checkpoint) for the sample picture."""
     total = sum(len(loader) for _, loader, _ in sets)
     with tqdm(total=total, desc=info.label, unit='img', disable=quiet, dynamic_ncols=True) as bar:
         for key, loader, rows in sets:
@@ -235,7 +247,7 @@ def _evaluate(model, info: CheckpointInfo, sets, metric_opts, metric_bits: str, 
                 where = f'[{row.name}] {image}'
                 bit_depth = int(batch['bit_depth'][0]) if 'bit_depth' in batch else 8
                 model.feed_data(batch)
-                with amp_context:
+                with amp_context, (_label_prompt(model, info, row.task) if task_prompts else nullcontext()):
                     model.test()
                 output, gt = model.output.detach().float().cpu(), batch['gt']
                 if output.shape[-2:] != gt.shape[-2:]:
@@ -319,12 +331,14 @@ def _notes(sets) -> list[str]:
 
 def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optional[str] = None,
                   metric_bits: str = NATIVE, device: Optional[str] = None, quiet: bool = False,
-                  root: Optional[str] = None, amp: Optional[str] = None) -> dict:
+                  root: Optional[str] = None, amp: Optional[str] = None, task_prompts: bool = False) -> dict:
     """Benchmark ``checkpoints`` (default: the option file's ``path.pretrain_network_g``) on the test sets of
     ``option_file`` against the degraded input; writes ``report.md``, ``report.csv``, ``report.json`` and
     ``samples.png`` under ``<root>/results/<name>/`` (root: the current directory) and returns the report dict
     (as in ``report.json``, with ``files``: the paths written). ``amp`` (bf16, fp16): the networks run under
-    autocast in that dtype, where the device supports it (:mod:`datprl_arch.utils.precision`).
+    autocast in that dtype, where the device supports it (:mod:`datprl_arch.utils.precision`). ``task_prompts``:
+    restore each set under its task's own prompt (the label; networks whose prompt mode has a prompt per task)
+    instead of the one the network picks.
 
     Raises ``OptionFileError``, ``CheckpointError``, ``DataSourceError`` or :class:`BenchmarkError` with a message
     naming the file for bad input."""
@@ -367,12 +381,14 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
         info.parameters = sum(p.numel() for p in model.get_bare_model(model.net_g).parameters())
         logger.info(f'Checkpoint {info.label}: {info.path}, network {info.network_opt["type"]} '
                     f'({info.parameters:,} parameters, network_g from the {info.network_source})')
-        _evaluate(model, info, sets, metric_opts, metric_bits, number == 0, samples, quiet, amp_context)
+        _evaluate(model, info, sets, metric_opts, metric_bits, number == 0, samples, quiet, amp_context,
+                  task_prompts)
         del model
     rows, images = _rows(sets, infos)
     report = {
         'name': name, 'date': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
         'option_file': osp.abspath(option_file), 'device': device, 'amp': amp or 'none',
+        'task_prompts': task_prompts,
         'model_type': test_opt.get('model_type'),
         'metric_bits': metric_bits, 'metric_note': metric_bits_note(metric_bits),
         'metrics': {m: {**metric_opts[m], 'from': metric_origin[m]} for m in metric_opts},
