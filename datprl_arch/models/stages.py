@@ -34,8 +34,9 @@ class Stage:
 
     @property
     def new_optimizer(self) -> bool:
-        """Whether entering this stage builds a new optimizer (see the module docstring)."""
-        return self.reset_optimizer or self.lr is not None or bool(self.freeze)
+        """Whether entering this stage builds a new optimizer whatever the parameters (a changed frozen set also
+        makes one: ``DATPRLModel._enter_stage``)."""
+        return self.reset_optimizer or self.lr is not None
 
     def describe(self, count: int) -> str:
         tasks = ', '.join(self.tasks) if self.tasks else 'all'
