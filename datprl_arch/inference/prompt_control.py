@@ -27,15 +27,22 @@ def task_names(net) -> tuple[str, ...]:
     return mode.task_names if mode is not None else ()
 
 
+def _prompt_kind(net) -> str:
+    """What makes the network's prompt, for messages: its mode, its dual pools, or just its class."""
+    if getattr(net, 'prompt_mode', None) is not None:
+        return type(net.prompt_mode).__name__
+    if getattr(net, 'prompt_width', None):
+        return f'{type(net).__name__} with dual prompt pools'
+    return type(net).__name__
+
+
 def task_prompt(net, name: str) -> torch.Tensor:
     """The prompt ``[1, P]`` of task ``name`` of a prompt mode with a prompt per task."""
     tasks = task_names(net)
     if not tasks:
-        kind = type(net.prompt_mode).__name__ if getattr(net, 'prompt_mode', None) is not None else \
-            f'{type(net).__name__} with dual prompt pools' if getattr(net, 'prompt_width', None) else type(net).__name__
-        raise PromptChoiceError(f'task {name!r}: {kind} has no prompt per task; task prompts need a checkpoint '
-                                'trained with prompt type ExplicitPrompt or LowRankPrompt (a blend of two reference '
-                                'images works with every prompted network)')
+        raise PromptChoiceError(f'task {name!r}: {_prompt_kind(net)} has no prompt per task; task prompts need a '
+                                'checkpoint trained with prompt type ExplicitPrompt or LowRankPrompt (a blend of two '
+                                'reference images works with every prompted network)')
     if name not in tasks:
         raise PromptChoiceError(f'task {name!r} is not a task of this checkpoint (its tasks: {list(tasks)})')
     with torch.no_grad():
