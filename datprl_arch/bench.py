@@ -13,13 +13,15 @@ Prints up to three tables:
    demo's batch (12x3x48x48), and the prompts' overhead.
 
 Each configuration runs in a fresh process (so peak memory is per configuration), with ``--threads`` CPU threads;
-table 4 times the bare and the prompted backbone alternately in one process, so both see the same machine.
+table 4 times the bare and the prompted backbone alternately in one process, so both see the same machine. The
+measuring processes keep freed memory for reuse as the training command does (``--system-malloc``: glibc's defaults).
 Timings are medians over ``--repeats`` runs after ``--warmup`` runs.
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import sys
@@ -27,6 +29,7 @@ import time
 
 import torch
 
+from .utils import allocator
 from .utils.precision import AMP_DTYPES, amp_problem, autocast
 
 SPEC_EVAL_SHAPE, SPEC_TRAIN_SHAPE = (1, 3, 128, 128), (2, 3, 64, 64)  # the method spec's timing sizes
@@ -135,6 +138,7 @@ def measure(config: dict, impl: dict, args: argparse.Namespace, eval_shape, trai
     import datprl_arch  # noqa: F401  (registration, in the spawned process)
     from basicsr.archs import build_network
 
+    allocator.keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -198,6 +202,7 @@ def measure_pair(configs, args: argparse.Namespace) -> dict:
     import datprl_arch  # noqa: F401  (registration, in the spawned process)
     from basicsr.archs import build_network
 
+    allocator.keep_freed_memory()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     use_device(device)
@@ -272,7 +277,12 @@ def main(argv=None) -> None:
     parser.add_argument('--backbones', nargs='*', choices=WRAPPED, default=None,
                         help='the prompts\' overhead on BasicSR backbones (all of them when given without names)')
     parser.add_argument('--speedup-only', action='store_true', help='only the official-vs-ours table at spec sizes')
+    parser.add_argument('--system-malloc', action='store_true',
+                        help="glibc's default allocator settings (freed memory returned to the system) instead of "
+                             'the command lines\' (datprl_arch.utils.allocator)')
     args = parser.parse_args(argv)
+    if args.system_malloc:
+        os.environ[allocator.OPT_OUT] = '1'  # inherited by the spawned measuring processes
     try:
         device = torch.device(args.device)
     except RuntimeError:

@@ -22,6 +22,7 @@ import yaml
 from basicsr.utils import options as basicsr_options
 
 from .errors import DatprlError
+from .utils.allocator import keep_freed_memory
 
 YAML_TAG_PREFIX = 'tag:yaml.org,2002:'
 SafeBase = getattr(yaml, 'CSafeLoader', yaml.SafeLoader)
@@ -193,7 +194,8 @@ def run_pipeline(pipeline: Callable[[str], None], prog: str, errors: tuple = ())
     """Run a BasicSR pipeline rooted at the current directory. This package's own errors (``DatprlError``: a bad
     option file, data, checkpoint or training state) and those of ``errors`` (exception types whose message names
     the file at fault) end with their message (exit status 1) instead of a traceback; ``--debug`` (BasicSR's flag)
-    shows the traceback."""
+    shows the traceback. Freed memory stays in the process for reuse (:mod:`.utils.allocator`)."""
+    keep_freed_memory()
     try:
         pipeline(os.getcwd())
     except (DatprlError, *errors) as err:

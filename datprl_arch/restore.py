@@ -22,6 +22,7 @@ from basicsr.utils import get_root_logger
 from datprl_arch.inference.restore import (AMP_DTYPES, DEFAULT_TILE_OVERLAP, MAX_PIXELS_PER_FORWARD, RestoreError,
                                            load_restorer, plan_jobs, restore_files)
 from datprl_arch.options import OptionFileError
+from datprl_arch.utils.allocator import keep_freed_memory
 from datprl_arch.utils.checkpoint import CheckpointError
 
 PROG = 'datprl-restore'
@@ -70,6 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Console script ``datprl-restore``: exit status 0, or 1 when an image failed; a bad request ends with its
     message (exit status 1), no traceback."""
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     get_root_logger().setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         jobs = plan_jobs(args.input, args.output)
