@@ -50,8 +50,11 @@ METHODS := options/demo/md_mini_train.yml options/demo/md_mini_taskpool.yml opti
 	options/train/md_mini_mio_explicit.yml options/train/md_mini_mio_adaptive.yml options/train/md_mini_tap.yml \
 	options/train/md_mini_dppd.yml options/train/md_mini_swinir.yml
 SEEDS ?= 0
+# the comparison's budget: 2,000 iterations for every method (the demo's own files train 2,300)
+METHODS_BUDGET := train:total_iter=2000 'train:scheduler:periods=[2000]' train:prompt_analysis_freq=2000
 demo-methods: $(MD_MINI)/texts.pt
-	$(PY) -m datprl_arch.ablation --configs $(METHODS) --seeds $(SEEDS) --name datprl_md_mini_methods
+	$(PY) -m datprl_arch.ablation --configs $(METHODS) --seeds $(SEEDS) --name datprl_md_mini_methods \
+		--force_yml $(METHODS_BUDGET)
 
 test: lint
 	$(PY) -m pytest -q tests
