@@ -138,7 +138,6 @@ def measure(config: dict, impl: dict, args: argparse.Namespace, eval_shape, trai
     import datprl_arch  # noqa: F401  (registration, in the spawned process)
     from basicsr.archs import build_network
 
-    allocator.keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -173,12 +172,18 @@ def measure(config: dict, impl: dict, args: argparse.Namespace, eval_shape, trai
     return row
 
 
+def _measuring_pool(ctx):
+    """A one-process pool to measure in, keeping freed memory as the command lines do (``--system-malloc`` sets the
+    opt-out, which the spawned process inherits)."""
+    return ctx.Pool(1, initializer=allocator.keep_freed_memory)
+
+
 def _run(jobs, args):
     """Run each (config, impl, shapes, flops) job in a fresh spawned process."""
     ctx = mp.get_context('spawn')
     results = []
     for job in jobs:
-        with ctx.Pool(1) as pool:
+        with _measuring_pool(ctx) as pool:
             results.append(pool.apply(measure, (*job[:2], args, *job[2:])))
     return results
 
@@ -202,7 +207,6 @@ def measure_pair(configs, args: argparse.Namespace) -> dict:
     import datprl_arch  # noqa: F401  (registration, in the spawned process)
     from basicsr.archs import build_network
 
-    allocator.keep_freed_memory()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     use_device(device)
@@ -242,7 +246,7 @@ def backbone_table(names, args) -> str:
     ctx = mp.get_context('spawn')
     for name in names:
         wrapped = WRAPPED[name]
-        with ctx.Pool(1) as pool:
+        with _measuring_pool(ctx) as pool:
             row = pool.apply(measure_pair, ((wrapped['backbone'], wrapped), args))
         rows.append([name, f"{row['params'][0]:.3f}", f"{row['params'][1]:.3f}", len(wrapped['inject_after']),
                      f"{row['train'][0]:.0f}", f"{row['train'][1]:.0f}", f"{100 * row['train_overhead']:+.1f}%",
