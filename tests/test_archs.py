@@ -335,3 +335,27 @@ def test_prompt_system_split_matches_the_spec_breakdown():
     params = dict(net.named_parameters())
     assert sum(params[n].numel() for n in names) == 27_683_870
     assert sum(p.numel() for n, p in params.items() if n not in names) == 25_449_682
+
+
+@pytest.mark.parametrize('bias', [False, True])
+def test_gated_feed_forward_halves_equal_the_official_chunk(bias):
+    """The two half convolutions give the official ``chunk`` computation's output and gradients (same weights)."""
+    from datprl_arch.archs.restormer_arch import GatedFeedForward
+
+    torch.manual_seed(0)
+    official = GatedFeedForward(12, 2.66, bias=bias, literal=True)
+    ours = GatedFeedForward(12, 2.66, bias=bias)
+    ours.load_state_dict(official.state_dict())
+    assert list(ours.state_dict()) == list(official.state_dict())
+    x = torch.randn(2, 12, 9, 7)
+    outputs = []
+    for net in (official, ours):
+        x_in = x.clone().requires_grad_()
+        out = net(x_in)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outputs.append((out, x_in.grad, [p.grad for p in net.parameters()]))
+    (out_a, grad_a, params_a), (out_b, grad_b, params_b) = outputs
+    assert (out_a - out_b).abs().max().item() < TOLERANCE
+    assert (grad_a - grad_b).abs().max().item() < TOLERANCE
+    for a, b in zip(params_a, params_b):
+        assert (a - b).abs().max().item() < 1e-5

@@ -95,18 +95,39 @@ class ChannelAttention(nn.Module):
 
 
 class GatedFeedForward(nn.Module):
-    """GDFN: ``project_out(GELU(z1) * z2)`` with ``[z1 ; z2] = dwconv(project_in(x))``."""
+    """GDFN: ``project_out(GELU(z1) * z2)`` with ``[z1 ; z2] = dwconv(project_in(x))``.
 
-    def __init__(self, dim: int, expansion: float = 2.66, bias: bool = False):
+    The two halves ``z1``, ``z2`` ``[B, hidden, H, W]`` are computed by two convolutions over the halves of the
+    official weights (which stay single parameters, so checkpoints load unchanged) instead of one convolution split
+    by ``chunk``: the backward then never concatenates the halves' gradients into a ``[B, 2 hidden, H, W]`` map in
+    the channels-last layout the layer norm hands on, a copy that cost as much as the depthwise convolution itself
+    on the CPU (docs/benchmarks.md). ``literal=True`` keeps the official ``chunk`` computation.
+    """
+
+    def __init__(self, dim: int, expansion: float = 2.66, bias: bool = False, literal: bool = False):
         super().__init__()
-        hidden = int(dim * expansion)
-        self.project_in = nn.Conv2d(dim, 2 * hidden, 1, bias=bias)
-        self.dwconv = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden, bias=bias)
-        self.project_out = nn.Conv2d(hidden, dim, 1, bias=bias)
+        self.hidden = int(dim * expansion)
+        self.literal = literal
+        self.project_in = nn.Conv2d(dim, 2 * self.hidden, 1, bias=bias)
+        self.dwconv = nn.Conv2d(2 * self.hidden, 2 * self.hidden, 3, padding=1, groups=2 * self.hidden, bias=bias)
+        self.project_out = nn.Conv2d(self.hidden, dim, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z1, z2 = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        if self.literal:
+            z1, z2 = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        else:
+            z1, z2 = self._half(x, 0), self._half(x, 1)
         return self.project_out(F.gelu(z1) * z2)
+
+    def _half(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """``dwconv(project_in(x))`` restricted to the output channels of half ``index``: ``[B, hidden, H, W]``."""
+        half = slice(index * self.hidden, (index + 1) * self.hidden)
+        y = F.conv2d(x, self.project_in.weight[half], _sliced(self.project_in.bias, half))
+        return F.conv2d(y, self.dwconv.weight[half], _sliced(self.dwconv.bias, half), padding=1, groups=self.hidden)
+
+
+def _sliced(bias: Optional[torch.Tensor], part: slice) -> Optional[torch.Tensor]:
+    return None if bias is None else bias[part]
 
 
 class TransformerBlock(PromptedBlock):
@@ -122,7 +143,7 @@ class TransformerBlock(PromptedBlock):
         self.norm1 = ChannelLayerNorm(dim, layer_norm_type, literal)
         self.attn = ChannelAttention(dim, num_heads, bias)
         self.norm2 = ChannelLayerNorm(dim, layer_norm_type, literal)
-        self.ffn = GatedFeedForward(dim, ffn_expansion_factor, bias)
+        self.ffn = GatedFeedForward(dim, ffn_expansion_factor, bias, literal)
         self.build_fusion(dim, prompt)
 
     def forward(self, x: torch.Tensor, prompt: Optional[torch.Tensor] = None) -> torch.Tensor:
