@@ -56,6 +56,19 @@ def test_ablation_summary_is_the_mean_and_spread_over_seeds():
     assert '| s / training step | | | 0.250 | - |' in text and 'seeds 0, 1' in text
 
 
+def test_ablation_table_of_a_file_with_clean_sets_gives_their_psnr_against_the_input():
+    """Clean sets (the unseen check's) have no input PSNR and no gain: their cell is the restored PSNR ± sd."""
+    report = _report({'base0': ('/r/base0.pth', {'a': 21.0, 'clean': 40.0}),
+                      'base1': ('/r/base1.pth', {'a': 23.0, 'clean': 44.0})})
+    for row in report['rows']:
+        if row['set'] == 'clean':
+            row.update(psnr_in=None, gain_psnr=None)
+    summary = summarize(report, {'base': [(0, '/r/base0.pth'), (1, '/r/base1.pth')]})
+    text = markdown(summary, {'base': None})
+    assert '| set | clean | - | 42.00 ± 2.83 |' in text
+    assert '| set | a | 20.00 | 22.00 (+2.00 ± 1.41) |' in text
+
+
 def _reduced(option_file, out, tmp_path, keep, **changes):
     """The demo option file on the reduced MD-Mini in ``out``: only the sets of ``keep``, a tiny budget."""
     text = open(osp.join(ROOT, option_file)).read().replace('datasets/md_mini', out)

@@ -94,8 +94,11 @@ def summarize(report: dict, runs: 'OrderedDict[str, list[tuple[int, str]]]') -> 
 
 
 def _cell(entry: dict) -> str:
+    """``restored (gain ± sd)``; a clean set has no gain (its target is the input): ``restored ± sd``."""
     if entry['psnr_out'] is None:
         return '-'
+    if entry['gain_psnr'] is None:
+        return f"{entry['psnr_out']:.2f} ± {entry['psnr_out_std']:.2f}"
     return (f"{entry['psnr_out']:.2f} ({entry['gain_psnr']:+.2f} ± {entry['gain_psnr_std']:.2f})")
 
 
@@ -116,7 +119,8 @@ def markdown(summary: dict, step_times: dict) -> str:
         '-' if step_times.get(c) is None else f'{step_times[c]:.3f}' for c in configs) + ' |')
     seeds = summary['configs'][configs[0]]['seeds']
     return ('PSNR dB of the restored test images, mean over seeds ' + ', '.join(map(str, seeds))
-            + ' (gain over the input ± its standard deviation over seeds).\n\n' + '\n'.join(lines) + '\n')
+            + ' (gain over the input ± its standard deviation over seeds; clean sets: PSNR against the input'
+            + ' ± its standard deviation).\n\n' + '\n'.join(lines) + '\n')
 
 
 def run_ablation(configs: Sequence[str], test_option: str, seeds: Sequence[int], name: str,
