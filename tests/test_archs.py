@@ -10,6 +10,7 @@ import yaml
 import datprl_arch  # noqa: F401  (registers the networks; applies the basicsr compatibility fixes)
 from basicsr.archs import build_network
 from basicsr.utils.registry import ARCH_REGISTRY
+from datprl_arch.archs.restormer_arch import GatedFeedForward
 from datprl_arch.bench import CDD11, SIX_TASK
 
 from networks import TINY, TINY_NAF
@@ -340,8 +341,6 @@ def test_prompt_system_split_matches_the_spec_breakdown():
 @pytest.mark.parametrize('bias', [False, True])
 def test_gated_feed_forward_halves_equal_the_official_chunk(bias):
     """The two half convolutions give the official ``chunk`` computation's output and gradients (same weights)."""
-    from datprl_arch.archs.restormer_arch import GatedFeedForward
-
     torch.manual_seed(0)
     official = GatedFeedForward(12, 2.66, bias=bias, literal=True)
     ours = GatedFeedForward(12, 2.66, bias=bias)
