@@ -30,7 +30,7 @@ import time
 import torch
 
 from .utils import allocator
-from .utils.precision import AMP_DTYPES, amp_problem, autocast
+from .utils.precision import AMP_DTYPES, amp_problem, autocast, memory_format
 
 SPEC_EVAL_SHAPE, SPEC_TRAIN_SHAPE = (1, 3, 128, 128), (2, 3, 64, 64)  # the method spec's timing sizes
 #: The Restormer backbone of the released networks (options/train/datprl_6t.yml, datprl_cdd11.yml).
@@ -142,13 +142,11 @@ def measure(config: dict, impl: dict, args: argparse.Namespace, eval_shape, trai
     torch.manual_seed(0)
     device = torch.device(args.device)
     use_device(device)
-    net = build_network(dict(config, **impl)).to(device)
-    if args.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    fmt = torch.channels_last if args.channels_last else memory_format(device, AMP_CHOICES[args.amp])
+    net = build_network(dict(config, **impl)).to(device, memory_format=fmt)
     if args.compile:  # static shapes: Inductor's dynamic-shape lowering fails on the Restormer (restormer_arch)
         net.compile(dynamic=False)
     amp_context = autocast(device, AMP_CHOICES[args.amp])
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.rand(*eval_shape, device=device).contiguous(memory_format=fmt)
     row = {'params': sum(p.numel() for p in net.parameters()) / 1e6}
     net.eval()
@@ -210,12 +208,13 @@ def measure_pair(configs, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     use_device(device)
+    fmt = memory_format(device, AMP_CHOICES[args.amp])
     nets = []
     for config in configs:
         torch.manual_seed(0)
-        nets.append(build_network(dict(config)).to(device))
-    x = torch.rand(*BACKBONE_EVAL_SHAPE, device=device)
-    batch = torch.rand(*BACKBONE_TRAIN_SHAPE, device=device)
+        nets.append(build_network(dict(config)).to(device, memory_format=fmt))
+    x = torch.rand(*BACKBONE_EVAL_SHAPE, device=device).contiguous(memory_format=fmt)
+    batch = torch.rand(*BACKBONE_TRAIN_SHAPE, device=device).contiguous(memory_format=fmt)
     target = torch.rand_like(batch)
     amp_context = autocast(device, AMP_CHOICES[args.amp])
 
@@ -272,7 +271,9 @@ def main(argv=None) -> None:
     parser.add_argument('--train-size', type=int, default=128)
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--repeats', type=int, default=3)
-    parser.add_argument('--channels-last', action='store_true', help='run in the channels_last memory format')
+    parser.add_argument('--channels-last', action='store_true',
+                        help='run in the channels_last memory format also where it is not the default (the default: '
+                             'channels_last for bf16 on the CPU, contiguous otherwise)')
     parser.add_argument('--compile', action='store_true', help='net.compile() (slow first call; not on CPU CI)')
     parser.add_argument('--skip-speedup', action='store_true', help='skip the official-vs-ours table at spec sizes')
     parser.add_argument('--data', action='store_true', help='also measure data loading on MD-Mini')

@@ -10,7 +10,7 @@ import yaml
 import datprl_arch  # noqa: F401  (registers the networks; applies the basicsr compatibility fixes)
 from basicsr.archs import build_network
 from basicsr.utils.registry import ARCH_REGISTRY
-from datprl_arch.archs.restormer_arch import GatedFeedForward
+from datprl_arch.archs.restormer_arch import ChannelAttention, GatedFeedForward
 from datprl_arch.bench import CDD11, SIX_TASK
 
 from networks import TINY, TINY_NAF
@@ -358,3 +358,38 @@ def test_gated_feed_forward_halves_equal_the_official_chunk(bias):
     assert (grad_a - grad_b).abs().max().item() < TOLERANCE
     for a, b in zip(params_a, params_b):
         assert (a - b).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize('heads', [1, 2])
+def test_channels_last_attention_equals_the_contiguous_one(heads):
+    """In channels_last (the layout of CPU bf16) the attention gives the contiguous computation's output and
+    gradients; one head runs on token views (``_single_head_tokens``), several on the reshape, as before."""
+    torch.manual_seed(0)
+    attn = ChannelAttention(24, heads)
+    attn.temperature.data.uniform_(0.5, 2.0)
+    x = torch.randn(2, 24, 10, 12)
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        attn.zero_grad()
+        attn.to(memory_format=fmt)
+        x_in = x.clone(memory_format=fmt).requires_grad_()
+        out = attn(x_in)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out, x_in.grad, [p.grad.clone() for p in attn.parameters()]))
+    (out_a, grad_a, params_a), (out_b, grad_b, params_b) = results
+    assert out_b.is_contiguous(memory_format=torch.channels_last)
+    assert (out_a - out_b).abs().max().item() < TOLERANCE
+    assert (grad_a - grad_b).abs().max().item() < TOLERANCE
+    for a, b in zip(params_a, params_b):
+        assert (a - b).abs().max().item() < 1e-5
+
+
+def test_channels_last_network_equals_the_contiguous_one():
+    """The whole DATPRL network gives the same output in either memory format (float32)."""
+    torch.manual_seed(0)
+    net = build_network(dict(TINY)).eval()
+    x = torch.rand(2, 3, 24, 20)
+    with torch.no_grad():
+        contiguous = net(x)
+        channels_last = net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert (contiguous - channels_last).abs().max().item() < TOLERANCE

@@ -246,3 +246,11 @@ def test_cpu_bf16_flags_are_read_from_cpuinfo(tmp_path):
     assert precision.cpu_bf16_flags(str(cpuinfo)) == ()
     assert precision.cpu_bf16_flags(str(tmp_path / 'missing')) == ()
     assert 'expected one of' in precision.amp_problem(torch.device('cpu'), 'fp8')
+
+
+def test_memory_format_is_channels_last_only_under_cpu_bf16():
+    """CPU bf16 runs channels_last (oneDNN's bf16 layout); float32 and CUDA keep the contiguous layout."""
+    cpu, cuda = torch.device('cpu'), torch.device('cuda')
+    assert precision.memory_format(cpu, torch.bfloat16) == torch.channels_last
+    for device, dtype in ((cpu, None), (cuda, torch.bfloat16), (cuda, torch.float16), (cuda, None)):
+        assert precision.memory_format(device, dtype) == torch.contiguous_format

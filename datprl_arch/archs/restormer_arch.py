@@ -88,10 +88,23 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv_dwconv(self.qkv(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).unbind(1)
+        qkv = self.qkv_dwconv(self.qkv(x))
+        if self.num_heads == 1 and qkv.is_contiguous(memory_format=torch.channels_last):
+            return self.project_out(self._single_head_tokens(qkv))
+        q, k, v = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w).unbind(1)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         attn = (q @ k.transpose(-2, -1) * self.temperature).softmax(dim=-1)
         return self.project_out((attn @ v).reshape(b, c, h, w))
+
+    def _single_head_tokens(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The one-head attention of a channels-last ``qkv`` ``[B, 3C, H, W]`` on its ``[B, HW, C]`` token views,
+        returned channels-last ``[B, C, H, W]``: the same products as ``forward`` without the two layout copies its
+        reshapes cost in that layout (channels-last runs under CPU bf16, ``utils.precision.memory_format``)."""
+        b, _, h, w = qkv.shape
+        q, k, v = qkv.permute(0, 2, 3, 1).reshape(b, h * w, 3, -1).unbind(2)
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        attn = (q.transpose(1, 2) @ k * self.temperature).softmax(dim=-1)  # [B, C, C]
+        return (v @ attn.transpose(1, 2)).view(b, h, w, -1).permute(0, 3, 1, 2)
 
 
 class GatedFeedForward(nn.Module):

@@ -34,7 +34,7 @@ from ..data.image_io import (NETWORK_CHANNELS, ImageDecodeError, decode_raw, ten
 from ..options import load_option_file
 from ..utils.checkpoint import (NETWORK_KEY, PARAM_KEYS, extract_state_dict, load_weights, network_options,
                                 read_checkpoint)
-from ..utils.precision import AMP_DTYPES, amp_problem, autocast
+from ..utils.precision import AMP_DTYPES, amp_problem, autocast, memory_format
 from .prompt_control import PromptChoiceError, chosen_prompt, parse_blend
 from .tiling import check_tiling, plan_tiles, tiled_apply
 
@@ -204,12 +204,14 @@ class Restorer:
     max_pixels: int = MAX_PIXELS_PER_FORWARD
     prompt: Optional[torch.Tensor] = None  # [1, P]: every image under this prompt (--task, --blend)
     channels: int = field(init=False)
+    memory_format: torch.memory_format = field(init=False)  # channels_last under CPU bf16
     auto_tile: int = field(init=False)
 
     def __post_init__(self):
         self.channels = input_channels(self.net)
         self.auto_tile = check_tiling_options(self.tile, self.overlap, self.max_pixels)
-        self.net.eval()
+        self.memory_format = memory_format(self.device, self.amp)
+        self.net.eval().to(memory_format=self.memory_format)
 
     @property
     def prompted(self) -> bool:
@@ -228,7 +230,7 @@ class Restorer:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """One forward: ``[B, C, h, w]`` on any device -> float32 ``[B, C, h, w]`` on the same device."""
         with self._autocast():
-            return self.net(x.to(self.device)).float().to(x.device)
+            return self.net(x.to(self.device, memory_format=self.memory_format)).float().to(x.device)
 
     def image_prompt(self, x: torch.Tensor) -> torch.Tensor:
         """Prompt ``[1, P]`` of the whole image ``x`` ``[1, C, H, W]``, composed from a view of at most
@@ -239,7 +241,7 @@ class Restorer:
             size = (max(1, int(height * scale)), max(1, int(width * scale)))
             x = F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=True)
         with self._autocast():
-            return self.net.compute_prompt(x.to(self.device))
+            return self.net.compute_prompt(x.to(self.device, memory_format=self.memory_format))
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[int]]:

@@ -44,7 +44,7 @@ from ..evaluation.metrics import metric_bits_note, parse_metric_bits, score
 from ..losses.pixel_weighting import DEFAULT_FLOOR, PIXEL_WEIGHTINGS, error_weights
 from ..utils.atomic import atomic_torch_save
 from ..utils.checkpoint import NETWORK_KEY, STAGES_KEY, load_checkpoint, plain_options
-from ..utils.precision import AMP_DTYPES, amp_problem, autocast
+from ..utils.precision import AMP_DTYPES, amp_problem, autocast, memory_format
 from ..utils.registry import register
 from .analysis import PromptAnalysis
 from .optim import build_optimizer, build_scheduler, parameter_groups, resolve_parts
@@ -82,6 +82,8 @@ class DATPRLModel(SRModel):
         #: 8-bit figures); checked before the network is built so a typo does not surface at the first validation.
         self.metric_bits = parse_metric_bits((opt.get('val') or {}).get('metric_bits'), 'val.metric_bits')
         self._metric_bits_logged = False
+        #: Layout of the networks and their inputs (:meth:`use_memory_format`); training picks it from ``use_amp``.
+        self.memory_format = torch.contiguous_format
         super().__init__(opt)
 
     def model_to_device(self, net):
@@ -146,6 +148,7 @@ class DATPRLModel(SRModel):
         self.amp_dtype = self._amp_dtype(train_opt)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         super().init_training_settings()  # EMA, pixel/perceptual losses, optimizers, schedulers
+        self.use_memory_format(memory_format(self.device, self.amp_dtype))
         if self.stages:
             self._log_stage_plan()
             if not self.opt['path'].get('resume_state'):  # resume_training enters the saved stage
@@ -243,9 +246,21 @@ class DATPRLModel(SRModel):
         if stage is not None and stage is not self.stage:
             self._enter_stage(stage)
 
+    def use_memory_format(self, fmt: torch.memory_format) -> None:
+        """Run the networks (``net_g`` and its EMA) and the inputs of ``feed_data`` in ``fmt``
+        (:func:`~datprl_arch.utils.precision.memory_format`: channels_last under CPU bf16). The optimizer is built
+        on the same parameter objects, whose data this converts in place."""
+        self.memory_format = fmt
+        for net in (self.net_g, getattr(self, 'net_g_ema', None)):
+            if net is not None:
+                net.to(memory_format=fmt)
+        if fmt != torch.contiguous_format:
+            get_root_logger().info(f'Networks and inputs in the {str(fmt).split(".")[-1]} memory format.')
+
     # ---------------------------------------------------------------- training step
     def feed_data(self, data):
         super().feed_data(data)
+        self.lq = self.lq.contiguous(memory_format=self.memory_format)
         self.labels = {k: data[k].to(self.device) for k in ('source', 'domain', 'task') if k in data}
         self.gt_paths = list(data.get('gt_path', ()))
         self.task_names = list(data['task_name']) if 'task_name' in data else None
