@@ -19,8 +19,8 @@ import datprl_arch  # noqa: F401
 from basicsr.models import build_model
 from datprl_arch.options import OptionFileError
 from datprl_arch.priors.encoders import encode_files, hash_encoder
-from datprl_arch.utils.atomic import atomic_torch_save
 from datprl_arch.utils import precision
+from datprl_arch.utils.atomic import atomic_torch_save
 from datprl_arch.utils.precision import cpu_bf16_flags
 
 from networks import SMALL_PROMPTS
