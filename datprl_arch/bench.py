@@ -142,7 +142,9 @@ def measure(config: dict, impl: dict, args: argparse.Namespace, eval_shape, trai
     torch.manual_seed(0)
     device = torch.device(args.device)
     use_device(device)
-    fmt = torch.channels_last if args.channels_last else memory_format(device, AMP_CHOICES[args.amp])
+    # the official computation runs as the official code does: contiguous
+    default = torch.contiguous_format if impl.get('literal') else memory_format(device, AMP_CHOICES[args.amp])
+    fmt = torch.channels_last if args.channels_last else default
     net = build_network(dict(config, **impl)).to(device, memory_format=fmt)
     if args.compile:  # static shapes: Inductor's dynamic-shape lowering fails on the Restormer (restormer_arch)
         net.compile(dynamic=False)
@@ -273,7 +275,7 @@ def main(argv=None) -> None:
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--channels-last', action='store_true',
                         help='run in the channels_last memory format also where it is not the default (the default: '
-                             'channels_last for bf16 on the CPU, contiguous otherwise)')
+                             'channels_last on the CPU, contiguous on CUDA and for the official computation)')
     parser.add_argument('--compile', action='store_true', help='net.compile() (slow first call; not on CPU CI)')
     parser.add_argument('--skip-speedup', action='store_true', help='skip the official-vs-ours table at spec sizes')
     parser.add_argument('--data', action='store_true', help='also measure data loading on MD-Mini')

@@ -362,7 +362,7 @@ def test_gated_feed_forward_halves_equal_the_official_chunk(bias):
 
 @pytest.mark.parametrize('heads', [1, 2])
 def test_channels_last_attention_equals_the_contiguous_one(heads):
-    """In channels_last (the layout of CPU bf16) the attention gives the contiguous computation's output and
+    """In channels_last (the CPU's layout) the attention gives the contiguous computation's output and
     gradients; one head runs on token views (``_single_head_tokens``), several on the reshape, as before."""
     torch.manual_seed(0)
     attn = ChannelAttention(24, heads)

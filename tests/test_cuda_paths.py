@@ -248,9 +248,10 @@ def test_cpu_bf16_flags_are_read_from_cpuinfo(tmp_path):
     assert 'expected one of' in precision.amp_problem(torch.device('cpu'), 'fp8')
 
 
-def test_memory_format_is_channels_last_only_under_cpu_bf16():
-    """CPU bf16 runs channels_last (oneDNN's bf16 layout); float32 and CUDA keep the contiguous layout."""
+def test_memory_format_is_channels_last_on_the_cpu_only():
+    """The CPU runs channels_last (oneDNN's layout) in float32 and bf16; CUDA keeps the contiguous layout."""
     cpu, cuda = torch.device('cpu'), torch.device('cuda')
-    assert precision.memory_format(cpu, torch.bfloat16) == torch.channels_last
-    for device, dtype in ((cpu, None), (cuda, torch.bfloat16), (cuda, torch.float16), (cuda, None)):
-        assert precision.memory_format(device, dtype) == torch.contiguous_format
+    for dtype in (None, torch.bfloat16):
+        assert precision.memory_format(cpu, dtype) == torch.channels_last
+    for dtype in (None, torch.bfloat16, torch.float16):
+        assert precision.memory_format(cuda, dtype) == torch.contiguous_format

@@ -110,14 +110,15 @@ def record_block_prompts(net):
 @pytest.mark.parametrize('config', [TINY, TINY_NAF], ids=['restormer', 'nafnet'])
 def test_every_tile_gets_the_whole_image_prompt(config):
     net, x = tiny(config), torch.rand(1, 3, 40, 48)
+    restorer = Restorer(net, torch.device('cpu'), tile=16, overlap=8)  # the network in the restorer's layout
+    x_net = x.contiguous(memory_format=restorer.memory_format)
     with torch.no_grad():
-        whole = net.compute_prompt(x)
-        net(x)
+        whole = net.compute_prompt(x_net)
+        net(x_net)
         assert torch.equal(net.prompt_state.prompt, whole)  # what an untiled forward uses
-        own = net.compute_prompt(x[..., :16, :16])
+        own = net.compute_prompt(x_net[..., :16, :16])
     assert (own - whole).abs().max() > 1e-4  # a tile alone would retrieve another prompt
     seen = record_block_prompts(net)
-    restorer = Restorer(net, torch.device('cpu'), tile=16, overlap=8)
     out, side = restorer(x)
     tiles = plan_tiles(40, 48, 16, 8)
     blocks = sum(isinstance(m, PromptedBlock) and m.prompt_members != () for m in net.modules())
@@ -172,11 +173,14 @@ def checkpoint(tmp_path):
 
 
 def expected(net, stored, fmt):
-    """What restoring ``stored`` (BGR, HxW or HxWxC) with ``net`` must give, computed directly."""
+    """What restoring ``stored`` (BGR, HxW or HxWxC) with ``net`` must give, computed directly (in the CPU's memory
+    format, as the restorer runs it)."""
     img = stored.astype(np.float32) / (255 if stored.dtype == np.uint8 else 65535)
     img = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img
+    layout = precision.memory_format(torch.device('cpu'))
     with torch.no_grad():
-        return tensor_to_stored(net(img2tensor(img, bgr2rgb=True, float32=True)[None]), fmt)
+        x = img2tensor(img, bgr2rgb=True, float32=True)[None].contiguous(memory_format=layout)
+        return tensor_to_stored(net.to(memory_format=layout)(x), fmt)
 
 
 def smooth_image(shape, dtype, seed=0):

@@ -279,23 +279,21 @@ def _spatial_conv_weights(net):
     return [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
 
 
-def test_cpu_bf16_training_runs_channels_last(tmp_path, data, monkeypatch):
-    """Under CPU bf16 the network, its EMA and the inputs are channels_last (oneDNN's bf16 layout); float32 keeps
-    the contiguous layout; a bf16 step runs and updates the weights."""
+def test_cpu_training_runs_channels_last(tmp_path, data, monkeypatch):
+    """On the CPU the network, its EMA and the inputs are channels_last (oneDNN's layout), in float32 and in bf16;
+    a bf16 step runs and updates the weights."""
     monkeypatch.setattr(precision, 'cpu_bf16_flags', lambda: ('avx512_bf16',))
-    opt = _model_opt(data, tmp_path, use_amp=True)
-    model = build_model(opt)
-    assert model.memory_format == torch.channels_last
-    for net in (model.net_g, model.net_g_ema):
-        assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _spatial_conv_weights(net))
+    for use_amp in (False, True):
+        opt = _model_opt(data, tmp_path, use_amp=use_amp)
+        model = build_model(opt)
+        assert model.memory_format == torch.channels_last
+        for net in (model.net_g, model.net_g_ema):
+            assert all(w.is_contiguous(memory_format=torch.channels_last) for w in _spatial_conv_weights(net))
     before = [w.detach().clone() for w in _spatial_conv_weights(model.net_g)]
     model.feed_data(_batch(opt))
     assert model.lq.is_contiguous(memory_format=torch.channels_last)
     model.optimize_parameters(1)
     assert any(not torch.equal(a, b) for a, b in zip(before, _spatial_conv_weights(model.net_g)))
-    fp32 = build_model(_model_opt(data, tmp_path, use_amp=False))
-    assert fp32.memory_format == torch.contiguous_format
-    assert all(w.is_contiguous() for w in _spatial_conv_weights(fp32.net_g))
 
 
 def test_unknown_amp_dtype_is_an_error(tmp_path, data):

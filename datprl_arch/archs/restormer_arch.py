@@ -99,7 +99,7 @@ class ChannelAttention(nn.Module):
     def _single_head_tokens(self, qkv: torch.Tensor) -> torch.Tensor:
         """The one-head attention of a channels-last ``qkv`` ``[B, 3C, H, W]`` on its ``[B, HW, C]`` token views,
         returned channels-last ``[B, C, H, W]``: the same products as ``forward`` without the two layout copies its
-        reshapes cost in that layout (channels-last runs under CPU bf16, ``utils.precision.memory_format``)."""
+        reshapes cost in that layout (the CPU runs channels-last, ``utils.precision.memory_format``)."""
         b, _, h, w = qkv.shape
         q, k, v = qkv.permute(0, 2, 3, 1).reshape(b, h * w, 3, -1).unbind(2)
         q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)

@@ -33,7 +33,7 @@ from basicsr.utils.logger import initialized_logger
 from ..data.sources import DataSourceError
 from ..options import OptionFileError, load_option_file
 from ..utils.checkpoint import STAGES_KEY, CheckpointError, network_options, read_checkpoint
-from ..utils.precision import AMP_DTYPES, amp_problem, autocast, memory_format
+from ..utils.precision import AMP_DTYPES, amp_problem, autocast
 from .aggregate import aggregates, summarize_set
 from .metrics import NATIVE, metric_bits_note, parse_metric_bits, score, upsample_to
 from .report import write_reports
@@ -378,8 +378,6 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
         model_opt['network_g'] = copy.deepcopy(info.network_opt)
         model_opt['path']['pretrain_network_g'] = info.path
         model = _build_model(model_opt, info, option_file)
-        if hasattr(model, 'use_memory_format'):  # channels_last under CPU bf16
-            model.use_memory_format(memory_format(torch.device(device), AMP_DTYPES[amp] if amp else None))
         info.parameters = sum(p.numel() for p in model.get_bare_model(model.net_g).parameters())
         logger.info(f'Checkpoint {info.label}: {info.path}, network {info.network_opt["type"]} '
                     f'({info.parameters:,} parameters, network_g from the {info.network_source})')

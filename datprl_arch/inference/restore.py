@@ -204,7 +204,7 @@ class Restorer:
     max_pixels: int = MAX_PIXELS_PER_FORWARD
     prompt: Optional[torch.Tensor] = None  # [1, P]: every image under this prompt (--task, --blend)
     channels: int = field(init=False)
-    memory_format: torch.memory_format = field(init=False)  # channels_last under CPU bf16
+    memory_format: torch.memory_format = field(init=False)  # channels_last on the CPU
     auto_tile: int = field(init=False)
 
     def __post_init__(self):

@@ -82,9 +82,10 @@ class DATPRLModel(SRModel):
         #: 8-bit figures); checked before the network is built so a typo does not surface at the first validation.
         self.metric_bits = parse_metric_bits((opt.get('val') or {}).get('metric_bits'), 'val.metric_bits')
         self._metric_bits_logged = False
-        #: Layout of the networks and their inputs (:meth:`use_memory_format`); training picks it from ``use_amp``.
+        #: Layout of the networks and their inputs (:meth:`use_memory_format`): channels_last on the CPU.
         self.memory_format = torch.contiguous_format
         super().__init__(opt)
+        self.use_memory_format(memory_format(self.device, getattr(self, 'amp_dtype', None)))
 
     def model_to_device(self, net):
         """Freeze what ``train.freeze`` names and the dead parameters before any DDP wrapping sees the network.
@@ -148,7 +149,6 @@ class DATPRLModel(SRModel):
         self.amp_dtype = self._amp_dtype(train_opt)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         super().init_training_settings()  # EMA, pixel/perceptual losses, optimizers, schedulers
-        self.use_memory_format(memory_format(self.device, self.amp_dtype))
         if self.stages:
             self._log_stage_plan()
             if not self.opt['path'].get('resume_state'):  # resume_training enters the saved stage
@@ -248,7 +248,7 @@ class DATPRLModel(SRModel):
 
     def use_memory_format(self, fmt: torch.memory_format) -> None:
         """Run the networks (``net_g`` and its EMA) and the inputs of ``feed_data`` in ``fmt``
-        (:func:`~datprl_arch.utils.precision.memory_format`: channels_last under CPU bf16). The optimizer is built
+        (:func:`~datprl_arch.utils.precision.memory_format`: channels_last on the CPU). The optimizer is built
         on the same parameter objects, whose data this converts in place."""
         self.memory_format = fmt
         for net in (self.net_g, getattr(self, 'net_g_ema', None)):
