@@ -143,7 +143,7 @@ def measure(config: dict, impl: dict, args: argparse.Namespace, eval_shape, trai
     device = torch.device(args.device)
     use_device(device)
     # the official computation runs as the official code does: contiguous
-    default = torch.contiguous_format if impl.get('literal') else memory_format(device, AMP_CHOICES[args.amp])
+    default = torch.contiguous_format if impl.get('literal') else memory_format(device)
     fmt = torch.channels_last if args.channels_last else default
     net = build_network(dict(config, **impl)).to(device, memory_format=fmt)
     if args.compile:  # static shapes: Inductor's dynamic-shape lowering fails on the Restormer (restormer_arch)
@@ -210,7 +210,7 @@ def measure_pair(configs, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     use_device(device)
-    fmt = memory_format(device, AMP_CHOICES[args.amp])
+    fmt = memory_format(device)
     nets = []
     for config in configs:
         torch.manual_seed(0)

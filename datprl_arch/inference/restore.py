@@ -210,7 +210,7 @@ class Restorer:
     def __post_init__(self):
         self.channels = input_channels(self.net)
         self.auto_tile = check_tiling_options(self.tile, self.overlap, self.max_pixels)
-        self.memory_format = memory_format(self.device, self.amp)
+        self.memory_format = memory_format(self.device)
         self.net.eval().to(memory_format=self.memory_format)
 
     @property

@@ -82,13 +82,11 @@ class DATPRLModel(SRModel):
         #: 8-bit figures); checked before the network is built so a typo does not surface at the first validation.
         self.metric_bits = parse_metric_bits((opt.get('val') or {}).get('metric_bits'), 'val.metric_bits')
         self._metric_bits_logged = False
-        #: Layout of the networks and their inputs (:meth:`use_memory_format`): channels_last on the CPU.
-        self.memory_format = torch.contiguous_format
         super().__init__(opt)
-        self.use_memory_format(memory_format(self.device, getattr(self, 'amp_dtype', None)))
 
     def model_to_device(self, net):
-        """Freeze what ``train.freeze`` names and the dead parameters before any DDP wrapping sees the network.
+        """Freeze what ``train.freeze`` names and the dead parameters, and put the network in the device's memory
+        format, before any DDP wrapping sees the network.
 
         ``num_gpu`` > 1 without a launcher (``num_gpu: auto`` on a multi-GPU machine) would wrap a prompted network
         in DataParallel: refused for training, whose steps run through the wrapper; testing never does (``test``
@@ -103,6 +101,12 @@ class DATPRLModel(SRModel):
                                       f'({self.device}); several GPUs need torchrun.')
             self.opt['num_gpu'] = 1
         self._load_backbone(net)
+        #: Layout of the networks and their inputs: channels_last on the CPU (oneDNN's), set before DDP builds its
+        #: gradient buckets from the parameters.
+        self.memory_format = memory_format(self.device)
+        net.to(memory_format=self.memory_format)
+        if self.memory_format != torch.contiguous_format:
+            get_root_logger().info(f'{type(net).__name__} and its inputs in the channels_last memory format.')
         if self.opt['is_train'] and self.opt.get('train'):
             frozen = dead_parameter_names(net) | resolve_parts(net, self.opt['train'].get('freeze') or ())
             self._base_frozen = frozen  # what every training stage freezes
@@ -149,6 +153,8 @@ class DATPRLModel(SRModel):
         self.amp_dtype = self._amp_dtype(train_opt)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         super().init_training_settings()  # EMA, pixel/perceptual losses, optimizers, schedulers
+        if hasattr(self, 'net_g_ema'):
+            self.net_g_ema.to(memory_format=self.memory_format)
         if self.stages:
             self._log_stage_plan()
             if not self.opt['path'].get('resume_state'):  # resume_training enters the saved stage
@@ -245,17 +251,6 @@ class DATPRLModel(SRModel):
         stage = stage_at(self.stages, current_iter)
         if stage is not None and stage is not self.stage:
             self._enter_stage(stage)
-
-    def use_memory_format(self, fmt: torch.memory_format) -> None:
-        """Run the networks (``net_g`` and its EMA) and the inputs of ``feed_data`` in ``fmt``
-        (:func:`~datprl_arch.utils.precision.memory_format`: channels_last on the CPU). The optimizer is built
-        on the same parameter objects, whose data this converts in place."""
-        self.memory_format = fmt
-        for net in (self.net_g, getattr(self, 'net_g_ema', None)):
-            if net is not None:
-                net.to(memory_format=fmt)
-        if fmt != torch.contiguous_format:
-            get_root_logger().info(f'Networks and inputs in the {str(fmt).split(".")[-1]} memory format.')
 
     # ---------------------------------------------------------------- training step
     def feed_data(self, data):

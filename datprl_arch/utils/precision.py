@@ -59,9 +59,8 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def memory_format(device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.memory_format:
-    """The memory format to run a network in on ``device`` (under autocast ``dtype``, None: float32): channels_last
-    on the CPU, where oneDNN's convolutions use it (measured on the development machine, 6-task network: float32
-    train step 1,747 -> 1,589 ms at 2x3x64x64 and 15.5 -> 13.0 s at 4x3x128x128; bf16 1,354 -> 1,143-1,263 ms),
-    contiguous on CUDA (not measured there)."""
+def memory_format(device: torch.device) -> torch.memory_format:
+    """The memory format to run a network in on ``device``: channels_last on the CPU, where oneDNN's convolutions
+    use it (measured on the development machine, 6-task network: float32 train step 1,747 -> 1,589 ms at 2x3x64x64
+    and 15.5 -> 13.0 s at 4x3x128x128; bf16 1,354 -> 1,143-1,263 ms), contiguous on CUDA (not measured there)."""
     return torch.channels_last if device.type == 'cpu' else torch.contiguous_format
