@@ -121,6 +121,7 @@ def test_every_loss_trains_logs_and_validates(tmp_path, data):
     checkpoint = torch.load(exp / 'models' / 'net_g_latest.pth', weights_only=True)
     assert set(checkpoint) == {'params', 'params_ema', 'network_g'}  # the network options travel with the weights
     assert checkpoint['network_g']['type'] == 'DATPRLRestormer' and isinstance(checkpoint['network_g'], dict)
+    assert all(v.is_contiguous() for v in checkpoint['params'].values())  # stored contiguous, trained channels_last
     state = torch.load(exp / 'training_states' / '6.state', weights_only=True)
     assert set(state['objective_stats']) == {'task', 'domain'} and 'scaler' in state
 
@@ -294,6 +295,10 @@ def test_cpu_training_runs_channels_last(tmp_path, data, monkeypatch):
     assert model.lq.is_contiguous(memory_format=torch.channels_last)
     model.optimize_parameters(1)
     assert any(not torch.equal(a, b) for a, b in zip(before, _spatial_conv_weights(model.net_g)))
+    os.makedirs(opt['path']['models'])
+    model.save_network(model.net_g, 'net_g', -1)
+    saved = torch.load(os.path.join(opt['path']['models'], 'net_g_latest.pth'), weights_only=True)['params']
+    assert all(v.is_contiguous() for v in saved.values())  # the checkpoint does not carry the run's layout
 
 
 def test_unknown_amp_dtype_is_an_error(tmp_path, data):

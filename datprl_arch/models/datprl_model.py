@@ -455,10 +455,12 @@ class DATPRLModel(SRModel):
     @master_only
     def save_network(self, net, net_label, current_iter, param_key='params'):
         """BasicSR's ``net_<label>_<iter>.pth`` ``{param_key: state_dict}`` plus the network's options under
-        :data:`~datprl_arch.utils.checkpoint.NETWORK_KEY` (rebuildable without the option file), written atomically."""
+        :data:`~datprl_arch.utils.checkpoint.NETWORK_KEY` (rebuildable without the option file), written atomically.
+        Tensors are stored contiguous whatever layout the run used (channels_last on the CPU), as other tools expect
+        (safetensors refuses strided tensors)."""
         nets = net if isinstance(net, list) else [net]
         keys = param_key if isinstance(param_key, list) else [param_key]
-        state = {key: {k: v.cpu() for k, v in self.get_bare_model(n).state_dict().items()}
+        state = {key: {k: v.cpu().contiguous() for k, v in self.get_bare_model(n).state_dict().items()}
                  for n, key in zip(nets, keys)}
         network_opt = self.opt.get(net_label.replace('net_', 'network_', 1))  # net_g -> network_g
         if network_opt:
