@@ -338,6 +338,23 @@ def test_prompt_system_split_matches_the_spec_breakdown():
     assert sum(p.numel() for n, p in params.items() if n not in names) == 25_449_682
 
 
+def _outputs_and_gradients(module, x):
+    """``module(x)``, the gradient of ``x`` and the parameters' gradients for a fixed linear loss of the output."""
+    module.zero_grad()
+    x_in = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    out = module(x_in)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out, x_in.grad, [p.grad.clone() for p in module.parameters()]
+
+
+def assert_same_outputs_and_gradients(a, b):
+    (out_a, grad_a, params_a), (out_b, grad_b, params_b) = a, b
+    assert (out_a - out_b).abs().max().item() < TOLERANCE
+    assert (grad_a - grad_b).abs().max().item() < TOLERANCE
+    for param_a, param_b in zip(params_a, params_b):
+        assert (param_a - param_b).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize('bias', [False, True])
 def test_gated_feed_forward_halves_equal_the_official_chunk(bias):
     """The two half convolutions give the official ``chunk`` computation's output and gradients (same weights)."""
@@ -347,17 +364,7 @@ def test_gated_feed_forward_halves_equal_the_official_chunk(bias):
     ours.load_state_dict(official.state_dict())
     assert list(ours.state_dict()) == list(official.state_dict())
     x = torch.randn(2, 12, 9, 7)
-    outputs = []
-    for net in (official, ours):
-        x_in = x.clone().requires_grad_()
-        out = net(x_in)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        outputs.append((out, x_in.grad, [p.grad for p in net.parameters()]))
-    (out_a, grad_a, params_a), (out_b, grad_b, params_b) = outputs
-    assert (out_a - out_b).abs().max().item() < TOLERANCE
-    assert (grad_a - grad_b).abs().max().item() < TOLERANCE
-    for a, b in zip(params_a, params_b):
-        assert (a - b).abs().max().item() < 1e-5
+    assert_same_outputs_and_gradients(_outputs_and_gradients(official, x), _outputs_and_gradients(ours, x))
 
 
 @pytest.mark.parametrize('heads', [1, 2])
@@ -368,20 +375,11 @@ def test_channels_last_attention_equals_the_contiguous_one(heads):
     attn = ChannelAttention(24, heads)
     attn.temperature.data.uniform_(0.5, 2.0)
     x = torch.randn(2, 24, 10, 12)
-    results = []
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        attn.zero_grad()
-        attn.to(memory_format=fmt)
-        x_in = x.clone(memory_format=fmt).requires_grad_()
-        out = attn(x_in)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        results.append((out, x_in.grad, [p.grad.clone() for p in attn.parameters()]))
-    (out_a, grad_a, params_a), (out_b, grad_b, params_b) = results
-    assert out_b.is_contiguous(memory_format=torch.channels_last)
-    assert (out_a - out_b).abs().max().item() < TOLERANCE
-    assert (grad_a - grad_b).abs().max().item() < TOLERANCE
-    for a, b in zip(params_a, params_b):
-        assert (a - b).abs().max().item() < 1e-5
+    contiguous = _outputs_and_gradients(attn, x)
+    channels_last = _outputs_and_gradients(attn.to(memory_format=torch.channels_last),
+                                           x.contiguous(memory_format=torch.channels_last))
+    assert channels_last[0].is_contiguous(memory_format=torch.channels_last)
+    assert_same_outputs_and_gradients(contiguous, channels_last)
 
 
 def test_channels_last_network_equals_the_contiguous_one():
