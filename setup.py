@@ -40,13 +40,14 @@ setup(
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     packages=find_packages(include=['datprl_arch', 'datprl_arch.*']),
+    # the shipped release model (datprl_arch/weights/), so a wheel install restores images with no training
+    package_data={'datprl_arch.weights': ['*.safetensors']},
     python_requires='>=3.9,<3.13',
     install_requires=['basicsr==1.4.2'] + requirements('runtime'),
     extras_require={
         'demo': requirements('demo'),
         'test': requirements('test'),
         'tb': requirements('tb'),
-        'safetensors': ['safetensors'],
     },
     entry_points={'console_scripts': [
         'datprl-train=datprl_arch.train:main',

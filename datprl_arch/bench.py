@@ -31,6 +31,7 @@ import torch
 
 from .utils import allocator
 from .utils.precision import AMP_DTYPES, amp_problem, autocast, memory_format
+from .utils.threads import add_threads_argument, default_threads
 
 SPEC_EVAL_SHAPE, SPEC_TRAIN_SHAPE = (1, 3, 128, 128), (2, 3, 64, 64)  # the method spec's timing sizes
 #: The Restormer backbone of the released networks (options/train/datprl_6t.yml, datprl_cdd11.yml).
@@ -265,7 +266,7 @@ def main(argv=None) -> None:
     parser.add_argument('--device', default='cpu', help='cpu, cuda or cuda:N')
     parser.add_argument('--amp', default='none', choices=AMP_CHOICES,
                         help='autocast dtype (CUDA; bf16 also on CPUs with native bf16)')
-    parser.add_argument('--threads', type=int, default=torch.get_num_threads(), help='CPU threads')
+    add_threads_argument(parser)
     parser.add_argument('--configs', nargs='+', default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument('--impls', nargs='+', default=['official', 'datprl'], choices=IMPLS)
     parser.add_argument('--eval-size', type=int, default=256)
@@ -288,6 +289,7 @@ def main(argv=None) -> None:
                         help="glibc's default allocator settings (freed memory returned to the system) instead of "
                              'the command lines\' (datprl_arch.utils.allocator)')
     args = parser.parse_args(argv)
+    args.threads = args.threads or default_threads()
     if args.system_malloc:
         os.environ[allocator.OPT_OUT] = '1'  # inherited by the spawned measuring processes
     try:

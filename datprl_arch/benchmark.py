@@ -2,7 +2,7 @@
 
     python -m datprl_arch.benchmark -opt options/demo/md_mini_test.yml [--ckpt A.pth --ckpt B.pth]
                                     [--name NAME] [--metric-bits {native,8}] [--device cpu|cuda]
-                                    [--amp bf16|fp16] [--quiet]
+                                    [--amp bf16|fp16] [--threads N] [--quiet]
 
 Writes ``results/<name>/report.md``, ``report.csv``, ``report.json`` and ``samples.png`` under the current directory
 and prints the table (input, restored and gain per set, per domain, overall). See
@@ -23,6 +23,7 @@ from datprl_arch.evaluation.runner import BenchmarkError, run_benchmark
 from datprl_arch.options import run_pipeline
 from datprl_arch.utils.checkpoint import CheckpointError
 from datprl_arch.utils.precision import AMP_DTYPES
+from datprl_arch.utils.threads import add_threads_argument, use_threads
 
 PROG = 'datprl-benchmark'
 #: Errors whose message names the file at fault: printed without a traceback.
@@ -33,7 +34,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0])
     parser.add_argument('-opt', required=True, help='test option file (BasicSR format)')
     parser.add_argument('--ckpt', action='append', default=[],
-                        help='checkpoint to evaluate (repeatable; default: path.pretrain_network_g of the file)')
+                        help="checkpoint to evaluate (repeatable; default: path.pretrain_network_g of the file, else "
+                        "'release', the release model shipped in the package)")
     parser.add_argument('--name', help="results/<name>/ (default: the option file's name)")
     parser.add_argument('--metric-bits', choices=METRIC_BITS, default=NATIVE,
                         help='native: 16-bit sources at peak 65535 (default); 8: the figure BasicSR computes')
@@ -43,6 +45,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--task-prompts', action='store_true', help="restore each set under its task's own prompt "
                         '(the label) instead of the one the network picks (ExplicitPrompt, LowRankPrompt)')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')
+    add_threads_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -56,11 +59,12 @@ def print_summary(report: dict) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console script ``datprl-benchmark``; bad input ends with one message naming the file (exit status 1)."""
     args = parse_args(argv)
+    threads = use_threads(args.threads)
 
     def pipeline(root: str) -> None:
         print_summary(run_benchmark(args.opt, args.ckpt, name=args.name, metric_bits=args.metric_bits,
                                     device=args.device, quiet=args.quiet, root=root, amp=args.amp,
-                                    task_prompts=args.task_prompts))
+                                    task_prompts=args.task_prompts, threads=threads))
 
     run_pipeline(pipeline, PROG, errors=USER_ERRORS)
 

@@ -1,5 +1,6 @@
 """Restore your own images with a trained checkpoint.
 
+    python -m datprl_arch.restore INPUT OUTPUT          (the shipped release model, docs/model_card.md)
     python -m datprl_arch.restore --ckpt experiments/NAME/models/net_g_latest.pth INPUT OUTPUT
     python -m datprl_arch.restore --ckpt official.pth --opt options/test/FILE.yml photos/ restored/ --tile 512
 
@@ -24,6 +25,8 @@ from datprl_arch.inference.restore import (AMP_DTYPES, DEFAULT_TILE_OVERLAP, MAX
 from datprl_arch.options import OptionFileError
 from datprl_arch.utils.allocator import keep_freed_memory
 from datprl_arch.utils.checkpoint import CheckpointError
+from datprl_arch.utils.threads import add_threads_argument, use_threads
+from datprl_arch.weights import RELEASE
 
 PROG = 'datprl-restore'
 
@@ -44,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description='Restore images with a trained DATPRL checkpoint.')
     parser.add_argument('input', metavar='INPUT', help='an image or a folder of images (PNG, TIFF, JPEG)')
     parser.add_argument('output', metavar='OUTPUT', help='an image file, or a folder (created) for the results')
-    parser.add_argument('--ckpt', required=True, help='checkpoint (.pth, .ckpt or .safetensors)')
+    parser.add_argument('--ckpt', default=RELEASE, help='checkpoint (.pth, .ckpt or .safetensors); default '
+                        f'{RELEASE!r}: the release model shipped in the package (docs/model_card.md)')
     parser.add_argument('--opt', help='option file whose network_g describes the network (for checkpoints that '
                         'do not carry network_g, e.g. official ones)')
     parser.add_argument('--param-key', help='weights entry of the checkpoint (default: params_ema, else params)')
@@ -64,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument('--blend', metavar='A:B:ALPHA', help='restore under (1-ALPHA) x prompt A + ALPHA x prompt B; '
                         'A and B are task names or reference images (whose composed prompt is used)')
     parser.add_argument('--quiet', action='store_true', help='no progress bar and no information messages')
+    add_threads_argument(parser)
     return parser
 
 
@@ -73,6 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     get_root_logger().setLevel(logging.WARNING if args.quiet else logging.INFO)
+    get_root_logger().info(f'CPU threads: {use_threads(args.threads)}')
     try:
         jobs = plan_jobs(args.input, args.output)
         restorer = load_restorer(args.ckpt, args.opt, args.param_key, args.device, args.amp, args.tile,

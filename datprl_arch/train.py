@@ -4,7 +4,8 @@
                                 [--force_yml train:ema_decay=0.999]
     torchrun --nproc_per_node=N -m datprl_arch.train -opt FILE.yml --launcher pytorch
 
-Same flags as ``basicsr/train.py``; ``experiments/`` and ``tb_logger/`` are written under the current directory.
+Same flags as ``basicsr/train.py``, plus ``--threads N`` (CPU threads, logged; default: every core the process may
+use; one beside other busy processes); ``experiments/`` and ``tb_logger/`` are written under the current directory.
 """
 import os
 import sys
@@ -12,6 +13,7 @@ import sys
 import datprl_arch  # noqa: F401  (compatibility fixes and registration, before basicsr)
 from basicsr.train import train_pipeline
 from datprl_arch.options import run_pipeline
+from datprl_arch.utils.threads import pop_threads_flag, use_threads
 
 LOCAL_RANK_FLAG = '--local-rank'
 
@@ -37,7 +39,8 @@ def drop_local_rank_flag(argv: list) -> list:
 
 def main() -> None:
     """Console script ``datprl-train``: a bad option file ends with its message (exit status 1), no traceback."""
-    sys.argv = drop_local_rank_flag(sys.argv)
+    sys.argv, threads = pop_threads_flag(drop_local_rank_flag(sys.argv), 'datprl-train')
+    use_threads(threads)
     run_pipeline(train_pipeline, 'datprl-train')
 
 

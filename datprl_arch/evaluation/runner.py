@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import hashlib
 import logging
 import os
 import os.path as osp
@@ -32,8 +31,9 @@ from basicsr.utils.logger import initialized_logger
 
 from ..data.sources import DataSourceError
 from ..options import OptionFileError, load_option_file
-from ..utils.checkpoint import STAGES_KEY, CheckpointError, network_options, read_checkpoint
+from ..utils.checkpoint import STAGES_KEY, CheckpointError, file_sha256, network_options, read_checkpoint
 from ..utils.precision import AMP_DTYPES, amp_problem, autocast
+from ..weights import RELEASE, resolve_checkpoint
 from .aggregate import aggregates, summarize_set
 from .metrics import NATIVE, metric_bits_note, parse_metric_bits, score, upsample_to
 from .report import write_reports
@@ -45,7 +45,6 @@ DEFAULT_METRIC_OPT = {'crop_border': 0, 'test_y_channel': False}
 #: ``param_key_g`` used when the option file names none: EMA weights first, then BasicSR's ``params``.
 DEFAULT_PARAM_KEY = 'params_ema'
 #: Read size of the checkpoint hash.
-HASH_CHUNK = 1 << 20
 LOG_NAME = 'benchmark.log'
 
 
@@ -80,14 +79,6 @@ class SetRow:
     images: list = field(default_factory=list)  # image names in loader order
     inputs: list = field(default_factory=list)  # per image {'psnr': .., 'ssim': ..} of the input
     outputs: dict = field(default_factory=dict)  # checkpoint label -> per image {'psnr': .., 'ssim': ..}
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(HASH_CHUNK), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def checkpoint_labels(paths: Sequence[str]) -> list[str]:
@@ -331,14 +322,16 @@ def _notes(sets) -> list[str]:
 
 def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optional[str] = None,
                   metric_bits: str = NATIVE, device: Optional[str] = None, quiet: bool = False,
-                  root: Optional[str] = None, amp: Optional[str] = None, task_prompts: bool = False) -> dict:
-    """Benchmark ``checkpoints`` (default: the option file's ``path.pretrain_network_g``) on the test sets of
+                  root: Optional[str] = None, amp: Optional[str] = None, task_prompts: bool = False,
+                  threads: Optional[int] = None) -> dict:
+    """Benchmark ``checkpoints`` (default: the option file's ``path.pretrain_network_g``, else the shipped release
+    model; ``release`` names it, :mod:`datprl_arch.weights`) on the test sets of
     ``option_file`` against the degraded input; writes ``report.md``, ``report.csv``, ``report.json`` and
     ``samples.png`` under ``<root>/results/<name>/`` (root: the current directory) and returns the report dict
     (as in ``report.json``, with ``files``: the paths written). ``amp`` (bf16, fp16): the networks run under
     autocast in that dtype, where the device supports it (:mod:`datprl_arch.utils.precision`). ``task_prompts``:
     restore each set under its task's own prompt (the label; networks whose prompt mode has a prompt per task)
-    instead of the one the network picks.
+    instead of the one the network picks. ``threads``: the CPU threads the caller set (logged and reported).
 
     Raises ``OptionFileError``, ``CheckpointError``, ``DataSourceError`` or :class:`BenchmarkError` with a message
     naming the file for bad input."""
@@ -351,11 +344,8 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
     if not name:
         raise OptionFileError(f'{option_file}: no name; give one in the file or with --name.')
     path_opt = opt.get('path') or {}
-    checkpoints = list(checkpoints) or ([path_opt['pretrain_network_g']] if path_opt.get('pretrain_network_g')
-                                        else [])
-    if not checkpoints:
-        raise BenchmarkError(f'{option_file}: no checkpoint: pass --ckpt FILE or set path.pretrain_network_g.')
-    checkpoints = [osp.expanduser(c) for c in checkpoints]
+    checkpoints = list(checkpoints) or [path_opt.get('pretrain_network_g') or RELEASE]
+    checkpoints = [resolve_checkpoint(osp.expanduser(c)) for c in checkpoints]
     infos = _inspect_checkpoints(checkpoints, opt.get('network_g'), option_file)
     device = resolve_device(device)
     problem = amp_problem(torch.device(device), amp) if amp is not None else None
@@ -366,7 +356,7 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
     os.makedirs(results_dir, exist_ok=True)
     logger = _init_logger(results_dir)
     logger.info(f'Benchmark {name}: {option_file}, {len(infos)} checkpoint(s), device {device}, '
-                f'{amp or "float32"}. '
+                f'{amp or "float32"}, {threads or torch.get_num_threads()} CPU threads. '
                 f'{metric_bits_note(metric_bits)}')
     test_opt = _test_options(opt, option_file, results_dir, device)
     set_random_seed(int(test_opt.get('manual_seed') or 0))
@@ -388,6 +378,7 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
     report = {
         'name': name, 'date': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
         'option_file': osp.abspath(option_file), 'device': device, 'amp': amp or 'none',
+        'threads': threads or torch.get_num_threads(),
         'task_prompts': task_prompts,
         'model_type': test_opt.get('model_type'),
         'metric_bits': metric_bits, 'metric_note': metric_bits_note(metric_bits),

@@ -83,6 +83,8 @@ class DATPRLModel(SRModel):
         self.metric_bits = parse_metric_bits((opt.get('val') or {}).get('metric_bits'), 'val.metric_bits')
         self._metric_bits_logged = False
         super().__init__(opt)
+        if self.device.type == 'cpu':
+            get_root_logger().info(f'CPU threads: {torch.get_num_threads()} (--threads N sets them).')
 
     def model_to_device(self, net):
         """Freeze what ``train.freeze`` names and the dead parameters, and put the network in the device's memory

@@ -27,6 +27,11 @@ def _atomic(path: str, write: Callable[[str], None]) -> None:
             os.remove(tmp)
 
 
+def atomic_write_file(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` writes the file's content to ``tmp``; it is then renamed over ``path`` (see the module)."""
+    _atomic(path, write)
+
+
 def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save(obj, path)``, atomically."""
     _atomic(path, lambda tmp: torch.save(obj, tmp))

@@ -3,12 +3,16 @@
 - BasicSR files ``{'params': sd}`` / ``{'params_ema': sd}`` (``params_ema`` preferred when present);
 - the official natural 3-/5-task PyTorch-Lightning files ``{'state_dict': {'net.<key>': ...}, ...}``;
 - plain state_dicts, optionally saved from DataParallel/DDP (``module.`` prefix);
-- ``.safetensors`` files (needs the ``safetensors`` package).
+- ``.safetensors`` files; those this package writes (:func:`save_safetensors`) carry the network options in their
+  metadata, so they rebuild without an option file;
+- ``release``: the release model shipped in the package (:mod:`datprl_arch.weights`).
 
 Pickle files are always read with ``weights_only=True``: a checkpoint cannot run code when it is loaded.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from collections import OrderedDict
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import DatprlError
+from ..weights import resolve_checkpoint
 
 PARAM_KEYS = ('params_ema', 'params')  # BasicSR, in order of preference
 LIGHTNING_KEY, LIGHTNING_PREFIX = 'state_dict', 'net.'
@@ -26,6 +31,11 @@ WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DataParallel/DDP and torch.compi
 #: configuration), so a checkpoint can be rebuilt without its option file (``restore``, ``benchmark``).
 NETWORK_KEY = 'network_g'
 STAGES_KEY = 'training_stages'  # the train.stages plan with each stage's trainable parameters (DATPRLModel)
+#: Entry of a read ``.safetensors`` checkpoint that holds its string metadata (provenance of a shipped model).
+METADATA_KEY = 'metadata'
+#: Weights entry of a read ``.safetensors`` file whose metadata names its network (written by save_safetensors).
+SAFETENSORS_PARAM_KEY = 'params_ema'
+HASH_CHUNK = 1 << 20  # bytes read at a time to hash a file
 
 
 class CheckpointError(DatprlError, RuntimeError):
@@ -44,16 +54,14 @@ def load_error_summary(err: Exception) -> str:
 
 
 def read_checkpoint(path: str) -> Mapping:
-    """The mapping stored in ``path`` (``.pth``/``.ckpt`` read with ``weights_only=True``, or ``.safetensors``)."""
+    """The mapping stored in ``path`` (``.pth``/``.ckpt`` read with ``weights_only=True``, or ``.safetensors``);
+    ``release`` reads the shipped release model."""
+    path = resolve_checkpoint(path)
     if not os.path.isfile(path):
         where = '' if os.path.isabs(path) else f' (relative to the current directory {os.getcwd()})'
         raise CheckpointError(f'checkpoint {path} does not exist{where}')
     if path.endswith('.safetensors'):
-        try:
-            from safetensors.torch import load_file
-        except ImportError as err:
-            raise CheckpointError(f'{path} is a safetensors file: pip install safetensors') from err
-        return load_file(path, device='cpu')
+        return _read_safetensors(path)
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:  # pickle errors come in many types; all mean the same thing here
@@ -61,6 +69,62 @@ def read_checkpoint(path: str) -> Mapping:
                               f'({load_error_summary(err)}). '
                               'Files holding non-tensor Python objects must be re-saved as a plain state_dict '
                               'from a trusted environment.') from err
+
+
+def _read_safetensors(path: str) -> Mapping:
+    """The tensors of a ``.safetensors`` file; when its metadata names the network (``network_g``, as
+    :func:`save_safetensors` writes), ``{'params_ema': tensors, 'network_g': options, 'metadata': strings}``."""
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+    except ImportError as err:
+        raise CheckpointError(f'{path} is a safetensors file: pip install safetensors') from err
+    try:
+        tensors = load_file(path, device='cpu')
+        with safe_open(path, framework='pt') as f:
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f'cannot read {path} as a safetensors file ({err})') from None
+    if NETWORK_KEY not in metadata:
+        return tensors
+    try:
+        network = json.loads(metadata[NETWORK_KEY])
+    except ValueError as err:
+        raise CheckpointError(f'{path}: metadata {NETWORK_KEY!r} is not JSON ({err})') from None
+    return {SAFETENSORS_PARAM_KEY: tensors, NETWORK_KEY: network, METADATA_KEY: metadata}
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str, network: Mapping,
+                     metadata: Optional[Mapping[str, str]] = None, dtype: Optional[torch.dtype] = None) -> None:
+    """Write network weights to ``path`` as safetensors, atomically, with ``network`` (the ``network_g`` options)
+    and ``metadata`` (strings) in its header. ``dtype``: floating tensors are stored in it (e.g. ``torch.float16``
+    for a small shipped file; they load back into a float32 network unchanged in shape), except those whose values
+    it cannot hold (a usage count above float16's range stays float32)."""
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_write_file
+
+    tensors = {k: _stored(v, dtype) for k, v in state_dict.items()}
+    header = {**(metadata or {}), NETWORK_KEY: json.dumps(plain_options(network), sort_keys=True)}
+    atomic_write_file(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def _stored(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """``tensor`` as safetensors stores it: contiguous on the CPU, in ``dtype`` if floating and within its range."""
+    tensor = tensor.detach().cpu()
+    if dtype is not None and tensor.is_floating_point() and tensor.numel():
+        if float(tensor.abs().max()) <= torch.finfo(dtype).max:
+            tensor = tensor.to(dtype)
+    return tensor.contiguous()
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes (a checkpoint's identity in reports and the model card)."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(HASH_CHUNK), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _strip(state_dict: Mapping[str, torch.Tensor], prefix: str) -> 'OrderedDict[str, torch.Tensor]':
