@@ -2,6 +2,7 @@
 import json
 import os
 import os.path as osp
+import shutil
 
 import cv2
 import numpy as np
@@ -15,6 +16,7 @@ from basicsr.data import build_dataloader, build_dataset
 from basicsr.data.data_sampler import EnlargedSampler
 from datprl_arch.data.lmdb.meta import read_lmdb_meta
 from datprl_arch.mdmini import split as mdmini_split
+from datprl_arch.mdmini.__main__ import main as mdmini_main
 from datprl_arch.mdmini.build import DEFAULT_LIMIT, remove_stale_builds
 from datprl_arch.mdmini.split import HELD_OUT_IMAGES
 from datprl_arch.mdmini.tasks import CLEAN_WEIGHT
@@ -173,6 +175,99 @@ def test_overwrite_replaces_only_its_own_build_and_stale_partials_are_removed(tm
     dead = tmp_path / 'md.partial-999999999'
     dead.mkdir()
     assert remove_stale_builds(out) == [str(dead)] and not dead.exists()
+
+
+#: A small build the overwrite tests copy (one source, two training blocks, its unseen check).
+SMALL = dict(seed=0, limit=2, sources=['natural_derain'])
+
+
+@pytest.fixture(scope='module')
+def small_build(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('small') / 'md')
+    mdmini.build(out, **SMALL)
+    return out
+
+
+def _tree(root):
+    """Every file under ``root`` with its bytes (what an overwrite that is refused must leave as it was)."""
+    return {osp.relpath(osp.join(d, f), root): open(osp.join(d, f), 'rb').read()
+            for d, _, files in os.walk(root) for f in files}
+
+
+def _overwrite(out, capsys):
+    """``python -m datprl_arch.mdmini --out OUT --overwrite --seed 3`` in-process: exit status and stderr."""
+    with pytest.raises(SystemExit) as exit_:
+        mdmini_main(['--out', out, '--overwrite', '--seed', '3', '--limit', '2', '--sources', 'natural_derain'])
+    return exit_.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize('user_files', [
+    {'natural_derain/mine/notes.txt': b'x'},                 # a nested folder of a set
+    {'natural_derain/val/gt/user_extra.png': b'z'},          # a file beside the build's images
+    {'train/my_labels.csv': b'a,b'},                         # a file under train/
+    {'unseen/natural_derain/lq.lmdb/my.idx': b'i'},          # a file inside an LMDB folder
+    {'my_notes.txt': b'n', 'natural_derain/test/lq/mine/a.png': b'p'},  # top level and nested together
+], ids=['set_folder', 'val_gt', 'train', 'lmdb', 'top_and_nested'])
+def test_overwrite_refuses_user_files_anywhere_in_the_build_and_changes_nothing(
+        small_build, tmp_path, capsys, user_files):
+    """N37/N38: the whole tree is compared with the manifest's file list; the refusal names every extra path."""
+    out = str(tmp_path / 'md')
+    shutil.copytree(small_build, out)
+    for path, data in user_files.items():
+        os.makedirs(osp.dirname(osp.join(out, path)), exist_ok=True)
+        with open(osp.join(out, path), 'wb') as f:
+            f.write(data)
+    before = _tree(out)
+    code, err = _overwrite(out, capsys)
+    assert code == 2 and 'Traceback' not in err and 'did not write' in err, err
+    for path in user_files:
+        folder = path.split('/mine/')[0] + '/mine/' if '/mine/' in path else path
+        assert folder in err, (folder, err)
+    assert _tree(out) == before
+
+
+def test_overwrite_of_a_build_without_a_file_list_infers_its_files(small_build, tmp_path, capsys):
+    """A manifest written before builds listed their files: its records say which files it wrote, so a clean
+    build is replaced and one holding a user file beside its images is refused."""
+    out = str(tmp_path / 'md')
+    shutil.copytree(small_build, out)
+    manifest = json.load(open(osp.join(out, 'manifest.json')))
+    del manifest['files']
+    with open(osp.join(out, 'manifest.json'), 'w') as f:
+        json.dump(manifest, f)
+    (tmp_path / 'md' / 'natural_derain' / 'val' / 'gt' / 'user_extra.png').write_bytes(b'z')
+    code, err = _overwrite(out, capsys)
+    assert code == 2 and 'natural_derain/val/gt/user_extra.png' in err and 'inferred' in err and 'Traceback' not in err
+    os.remove(osp.join(out, 'natural_derain', 'val', 'gt', 'user_extra.png'))
+    assert mdmini_main(['--out', out, '--overwrite', '--seed', '3', '--limit', '2', '--sources', 'natural_derain']) == 0
+    assert json.load(open(osp.join(out, 'manifest.json')))['settings']['seed'] == 3
+
+
+def test_a_clean_build_with_its_derived_embeddings_is_overwritten(small_build, tmp_path):
+    """Every file the manifest lists, and texts.pt that tools derive, is replaced without a word."""
+    out = str(tmp_path / 'md')
+    shutil.copytree(small_build, out)
+    (tmp_path / 'md' / 'texts.pt').write_bytes(b'derived')
+    manifest = mdmini.build(out, **dict(SMALL, seed=3), overwrite=True)
+    assert sorted(manifest['files']) == sorted(_tree(out)) and 'manifest.json' in manifest['files']
+
+
+@pytest.mark.parametrize('args, words', [
+    (['--limit', '0'], 'argument --limit: limit 0 is not a number of training blocks per pool: expected an integer '
+                       '>= 1'),
+    (['--limit', '-1'], 'argument --limit: limit -1 is not a number of training blocks per pool: expected an '
+                        'integer >= 1'),
+    (['--seed', '-5'], 'argument --seed: seed -5 is not usable: expected an integer >= 0'),
+], ids=['N39_limit_0', 'N40_limit_negative', 'N42_seed_negative'])
+def test_limit_and_seed_are_checked_before_anything_is_built(tmp_path, capsys, args, words):
+    out = str(tmp_path / 'md')
+    with pytest.raises(SystemExit) as exit_:
+        mdmini_main(['--out', out, *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and words in err and 'Traceback' not in err, err
+    assert not os.listdir(tmp_path)
+    with pytest.raises(mdmini.MiniBuildError, match='expected an integer >= 1'):
+        mdmini.build(out, limit=-1)
 
 
 def test_deterministic_for_a_seed(built, tmp_path):

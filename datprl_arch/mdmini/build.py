@@ -8,11 +8,11 @@ Layout (``out`` = ``datasets/md_mini`` by default)::
     <source>/descriptions.json            template descriptions of every image the source uses
     unseen/<source>/{gt,lq}.lmdb          the out-of-sample check: images MD-Mini never uses, other parameters
     options_{train,test,unseen}.yml       option-file fragments listing all of it
-    manifest.json                         settings, where every block came from, the entries this build wrote
+    manifest.json                         settings, where every block came from, every file this build wrote
 
 The build goes to ``<out>.partial-<pid>`` and is renamed at the end; a finished build with the same settings is
-reused. ``overwrite`` replaces only a previous MD-Mini build (its manifest lists what it wrote); a folder holding
-anything else is never touched.
+reused. ``overwrite`` replaces only a previous MD-Mini build, and only when every file and folder in its tree is
+one the build wrote (its manifest lists them); a tree holding anything else, at any depth, is never touched.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import os.path as osp
+import posixpath
 import shutil
 from typing import Optional, Sequence
 
@@ -28,6 +29,7 @@ import numpy as np
 
 from ..data import degradations as deg
 from ..data.image_io import ImageFormat, to_stored
+from ..data.lmdb.meta import BUILD_FILE, META_FILE
 from ..data.lmdb.writer import folder_items, make_paired_lmdb, write_lmdb
 from ..utils.debris import remove, stale_debris
 from .images import POOLS, UNSEEN_POOLS
@@ -39,12 +41,21 @@ FORMAT_VERSION = 8
 DEFAULT_OUT = osp.join('datasets', 'md_mini')
 #: Training blocks kept per pool (a seeded choice among them).
 DEFAULT_LIMIT = 128
+#: The fewest training blocks per pool a build accepts.
+MIN_LIMIT = 1
 #: PNG level of LMDB values: 0 stores unfiltered raw blocks (still PNG, readable by BasicSR) that decode several
 #: times faster than compressed ones; the folders stay compressed.
 LMDB_COMPRESS_LEVEL = 0
 #: Files that tools derive from a build inside its folder (replaced with it).
 DERIVED_FILES = ('texts.pt',)
 UNSEEN_DIR, TRAIN_DIR = 'unseen', 'train'
+MANIFEST = 'manifest.json'
+#: Option-file fragments every build writes (``options_<kind>.yml``).
+FRAGMENT_KINDS = ('train', 'test', 'unseen')
+#: Files of an LMDB folder the build writes (used to infer the files of a manifest that predates its file list).
+LMDB_FILES = ('data.mdb', 'lock.mdb', META_FILE, BUILD_FILE)
+#: Paths a refusal names before it only counts the rest.
+LISTED_EXTRAS = 10
 
 
 class MiniBuildError(ValueError):
@@ -182,27 +193,118 @@ def remove_stale_builds(out: str) -> list[str]:
     return [debris.path for debris in stale]
 
 
+def _tree_files(root: str) -> list[str]:
+    """Every file under ``root`` as a sorted ``/``-separated path relative to it (what a manifest lists)."""
+    found = []
+    for dirpath, _, filenames in os.walk(root):
+        rel = osp.relpath(dirpath, root).replace(os.sep, '/')
+        found += [name if rel == '.' else f'{rel}/{name}' for name in filenames]
+    return sorted(found)
+
+
+def _implied_files(manifest: dict) -> set[str]:
+    """The files an earlier build wrote, inferred from its records in today's layout: manifests written before
+    builds listed their files (``files``) record only the top-level entries, the blocks and the sources."""
+    def pngs(folder, records):
+        return {f'{folder}/{record["name"]}.png' for record in records}
+
+    def lmdb(folder):
+        return {f'{folder}/{name}' for name in LMDB_FILES}
+
+    files = {MANIFEST} | {f'options_{kind}.yml' for kind in FRAGMENT_KINDS}
+    pools = manifest.get('pools', {})
+    for pool, splits in pools.items():
+        files |= pngs(f'{TRAIN_DIR}/{pool}/gt', splits.get('train', ())) | lmdb(f'{TRAIN_DIR}/{pool}/gt.lmdb')
+    pool_of = {t.name: t.pool for t in TASKS + CLEAN_TASKS}
+    for source in manifest.get('sources', {}):
+        files.add(f'{source}/descriptions.json')
+        for split in ('val', 'test'):
+            records = pools.get(pool_of.get(source), {}).get(split, ())
+            for side in ('gt', 'lq'):
+                files |= pngs(f'{source}/{split}/{side}', records) | lmdb(f'{source}/{split}/{side}.lmdb')
+    for source, record in manifest.get('unseen', {}).items():
+        for side in ('gt', 'lq'):
+            folder = f'{UNSEEN_DIR}/{source}/{side}'
+            files |= pngs(folder, record.get('blocks', ())) | lmdb(folder + '.lmdb')
+    return files
+
+
+def _foreign_entries(out: str, files: set[str]) -> list[str]:
+    """Paths under ``out`` the build did not write, at any depth: files it does not list and folders that hold none
+    of its files (named once, with a trailing ``/``, not file by file); links are never the build's."""
+    folders = {posixpath.dirname(path) for path in files}
+    for folder in list(folders):
+        while folder:
+            folder = posixpath.dirname(folder)
+            folders.add(folder)
+    allowed = files | set(DERIVED_FILES)
+    foreign = []
+    for dirpath, dirnames, filenames in os.walk(out):
+        rel = osp.relpath(dirpath, out).replace(os.sep, '/')
+        prefix = '' if rel == '.' else rel + '/'
+        for name in sorted(dirnames):
+            if prefix + name not in folders or osp.islink(osp.join(dirpath, name)):
+                foreign.append(prefix + name + '/')
+                dirnames.remove(name)  # named as a whole, not walked
+        foreign += [prefix + name for name in filenames
+                    if prefix + name not in allowed or osp.islink(osp.join(dirpath, name))]
+    return sorted(foreign)
+
+
 def _check_target(out: str, wanted: dict, overwrite: bool) -> Optional[dict]:
-    """The reusable manifest at ``out``, None when a build may go there; raises when ``out`` must not be touched."""
-    manifest_path = osp.join(out, 'manifest.json')
+    """The reusable manifest at ``out``, None when a build may go there; raises when ``out`` must not be touched.
+
+    A build is replaced only when every file and folder under ``out`` is one its manifest lists (or, for a manifest
+    that lists no files, one its records imply): user files nested anywhere in it stop the overwrite.
+    """
+    manifest_path = osp.join(out, MANIFEST)
     if not osp.exists(out) or (osp.isdir(out) and not os.listdir(out)):
         return None
     if not osp.isfile(manifest_path):
-        raise MiniBuildError(f'{out} exists and is not an MD-Mini build (no manifest.json); MD-Mini writes only into '
+        raise MiniBuildError(f'{out} exists and is not an MD-Mini build (no {MANIFEST}); MD-Mini writes only into '
                              'an empty or new folder or over its own earlier build: choose another --out.')
-    with open(manifest_path) as f:
-        manifest = json.load(f)
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as err:
+        raise MiniBuildError(f'cannot read {manifest_path} ({err}); MD-Mini replaces only a build whose manifest '
+                             'lists what it wrote: move your files out or choose another --out.') from None
+    if not isinstance(manifest, dict):
+        raise MiniBuildError(f'{manifest_path} is not an MD-Mini manifest (expected a JSON object); MD-Mini '
+                             'replaces only its own builds: choose another --out.')
     if manifest.get('settings') == wanted:
         return manifest
-    foreign = sorted(set(os.listdir(out)) - set(manifest.get('entries', ())) - set(DERIVED_FILES))
+    listed = 'files' in manifest
+    foreign = _foreign_entries(out, set(manifest['files']) if listed else _implied_files(manifest))
     if foreign:
+        more = f' and {len(foreign) - LISTED_EXTRAS} more' if len(foreign) > LISTED_EXTRAS else ''
+        origin = '' if listed else (' (its manifest, from an older MD-Mini, lists no files: they were inferred from '
+                                    'its blocks and sources)')
         raise MiniBuildError(f'{out} holds an MD-Mini build and also {len(foreign)} entries it did not write '
-                             f'({", ".join(foreign[:5])}); MD-Mini never replaces files it did not write: move them '
-                             'out or choose another --out.')
+                             f'({", ".join(foreign[:LISTED_EXTRAS])}{more}){origin}; MD-Mini never replaces files '
+                             'it did not write: move them out or choose another --out.')
     if not overwrite:
         raise MiniBuildError(f'{out} holds an MD-Mini build with settings {manifest.get("settings")}; pass '
                              f'--overwrite to replace that build with {wanted}, or choose another --out.')
     return None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_limit(limit) -> None:
+    """Raise unless ``limit`` is a usable number of training blocks per pool (a slice bound would build silently
+    with every block but the last ones for a negative value, and nothing for zero)."""
+    if not _is_int(limit) or limit < MIN_LIMIT:
+        raise MiniBuildError(f'limit {limit!r} is not a number of training blocks per pool: expected an integer '
+                             f'>= {MIN_LIMIT} (default {DEFAULT_LIMIT}).')
+
+
+def check_seed(seed) -> None:
+    """Raise unless ``seed`` is an integer numpy's generators accept (>= 0)."""
+    if not _is_int(seed) or seed < 0:
+        raise MiniBuildError(f'seed {seed!r} is not usable: expected an integer >= 0.')
 
 
 def build(out: str = DEFAULT_OUT, seed: int = 0, limit: int = DEFAULT_LIMIT, overwrite: bool = False,
@@ -214,6 +316,8 @@ def build(out: str = DEFAULT_OUT, seed: int = 0, limit: int = DEFAULT_LIMIT, ove
     from basicsr.utils import get_root_logger
 
     logger = get_root_logger()
+    check_limit(limit)
+    check_seed(seed)
     every = TASKS + CLEAN_TASKS
     unknown = set(sources or ()) - {t.name for t in every}
     if unknown:
@@ -251,8 +355,9 @@ def build(out: str = DEFAULT_OUT, seed: int = 0, limit: int = DEFAULT_LIMIT, ove
             unseen_blocks = {'unseen': _unseen_blocks(task, seed)} if task in checks else {}
             _write_descriptions(tmp, task, {**splits[task.pool], **unseen_blocks})
         _write_fragments(tmp, out, tasks, checks, seed)
-        manifest['entries'] = sorted(os.listdir(tmp)) + ['manifest.json']
-        with open(osp.join(tmp, 'manifest.json'), 'w') as f:
+        manifest['entries'] = sorted(os.listdir(tmp)) + [MANIFEST]
+        manifest['files'] = sorted(_tree_files(tmp) + [MANIFEST])
+        with open(osp.join(tmp, MANIFEST), 'w') as f:
             json.dump(manifest, f, indent=1)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
