@@ -15,7 +15,7 @@ from datprl_arch import weights
 from basicsr.archs import build_network
 from datprl_arch.data.image_io import ImageFormat, tensor_to_stored
 from datprl_arch.restore import main as restore_main
-from datprl_arch.tools import release
+from datprl_arch.tools import learning_curve, model_card, release
 from datprl_arch.utils import threads
 from datprl_arch.utils.checkpoint import (METADATA_KEY, NETWORK_KEY, SAFETENSORS_PARAM_KEY, CheckpointError,
                                           read_checkpoint, save_safetensors)
@@ -172,3 +172,85 @@ def test_test_runner_logs_its_threads(tmp_path):
             'try:\n    main()\nexcept SystemExit as e:\n    print(torch.get_num_threads(), e.code)')
     out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.stdout.split()[0] == '1' and "missing.yml' does not exist" in out.stdout
+
+
+# ------------------------------------------------------------------------------------------------ learning curve
+def _round(psnrs):
+    sets = {name: {'domain': domain, 'task': task, 'psnr': psnr} for name, (domain, task, psnr) in psnrs.items()}
+    return {'sets': sets, 'average': {}, 'domains': {}}
+
+
+def test_learning_curve_gains_against_the_inputs(tmp_path, capsys):
+    report = {'rows': [{'set': 'a', 'task': 'sr4', 'psnr_in': 20.0}, {'set': 'b', 'task': 'ct', 'psnr_in': 30.0},
+                       {'set': 'c', 'task': 'clean', 'psnr_in': None}]}
+    (tmp_path / 'report.json').write_text(json.dumps(report))
+    rounds = {'2000': _round({'a': ('natural', 'sr4', 23.0), 'b': ('medical', 'ct', 31.0),
+                              'c': ('natural', 'clean', 40.0)}),
+              '1000': _round({'a': ('natural', 'sr4', 21.0), 'b': ('medical', 'ct', 29.0),
+                              'c': ('natural', 'clean', 45.0)})}
+    (tmp_path / 'metrics.json').write_text(json.dumps(rounds))
+    out = tmp_path / 'img' / 'curve.png'
+    assert learning_curve.main([f'{tmp_path / "metrics.json"}=run', '--inputs', str(tmp_path / 'report.json'),
+                                '--out', str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert '| run | 1000 | +0.00 | +1.00 | -1.00 | 45.0 dB |' in printed  # iterations ascending, mean of domains
+    assert '| run | 2000 | +2.00 | +3.00 | +1.00 | 40.0 dB |' in printed
+    assert out.read_bytes()[:4] == b'\x89PNG'
+
+
+def test_learning_curve_names_a_report_without_inputs(tmp_path):
+    (tmp_path / 'report.json').write_text(json.dumps({'rows': []}))
+    with pytest.raises(SystemExit) as exc:
+        learning_curve.main(['m.json', '--inputs', str(tmp_path / 'report.json'), '--out', str(tmp_path / 'c.png')])
+    assert 'holds no degraded set with an input PSNR' in str(exc.value.code)
+
+
+# ------------------------------------------------------------------------------------------------ model card
+def _row(name, domain, task, psnr_in, psnr_out, checkpoint='md_mini_release'):
+    gain = None if task == 'clean' else psnr_out - psnr_in
+    return {'set': name, 'domain': domain, 'task': task, 'checkpoint': checkpoint, 'n_images': 12,
+            'psnr_in': None if task == 'clean' else psnr_in, 'psnr_out': psnr_out, 'gain_psnr': gain}
+
+
+def test_model_card_states_the_file_the_figures_and_the_targets(trained, tmp_path):
+    ckpt, _ = trained
+    weights_file = str(tmp_path / 'md_mini_release.safetensors')
+    info = release.release(ckpt, weights_file, recipe='options/release/r.yml')
+    test_rows = [_row('t_sr4', 'natural', 'sr4', 24.0, 24.1), _row('t_haze', 'remote_sensing', 'dehaze', 12.0, 21.0),
+                 _row('t_other', 'natural', 'sr4', 24.0, 30.0, checkpoint='net_g_latest')]
+    unseen_rows = [_row('u_sr4', 'natural', 'sr4', 25.0, 26.5), _row('u_clean', 'natural', 'clean', None, 41.0),
+                   _row('u_rs_clean', 'remote_sensing', 'clean', None, 36.0)]
+    for name, rows in (('test', test_rows), ('unseen', unseen_rows)):
+        (tmp_path / f'{name}.json').write_text(json.dumps({'rows': rows}))
+    analysis = tmp_path / 'analysis'
+    analysis.mkdir()
+    (analysis / 'nmi.json').write_text(json.dumps({'degradation': {'task': 0.61, 'domain': 0.4, 'source': 0.7}}))
+    (analysis / 'gates.json').write_text(json.dumps({'a': {'feature': 0.6, 'prompt': 0.4},
+                                                     'b': {'feature': 0.3, 'prompt': 0.7}}))
+    out = tmp_path / 'card.md'
+    assert model_card.main(['--weights', weights_file, '--report', f'test={tmp_path / "test.json"}', '--report',
+                            f'unseen={tmp_path / "unseen.json"}', '--checkpoint', 'md_mini_release', '--analysis',
+                            str(analysis), '--training', 'iterations: 4', '--out', str(out)]) == 0
+    text = out.read_text()
+    assert f"sha256 `{info['sha256']}`" in text and '- recipe: `options/release/r.yml`' in text
+    assert '| t_sr4 | 12 | 24.00 | 24.10 | +0.10 |' in text and 't_other' not in text  # the chosen checkpoint only
+    assert '| mean of the 2 degraded sets | 24 | 18.00 | 22.55 | **+4.55** |' in text
+    assert '- every test set at least +0.3 dB above its input: **missed** (worst t_sr4 +0.10 dB)' in text
+    assert '- test mean gain at least +4.0 dB: **met** (+4.55 dB)' in text
+    assert 'in every domain (unseen check): **missed** (natural 41.0 dB, remote_sensing 36.0 dB)' in text
+    assert '- t_sr4: +0.10 dB over its input' in text and '- iterations: 4' in text
+    assert '- degradation: NMI with task 0.61, domain 0.40, source 0.70' in text
+    assert "the prompt's share a_p / (a_f + a_p) is 0.40-0.70 over the 2 prompted blocks" in text
+
+
+def test_model_card_asks_which_checkpoint_of_a_shared_report(trained, tmp_path):
+    ckpt, _ = trained
+    weights_file = str(tmp_path / 'w.safetensors')
+    release.release(ckpt, weights_file)
+    rows = [_row('a', 'natural', 'sr4', 1, 2), _row('a', 'natural', 'sr4', 1, 3, checkpoint='other')]
+    (tmp_path / 'r.json').write_text(json.dumps({'rows': rows}))
+    with pytest.raises(SystemExit) as exc:
+        model_card.main(['--weights', weights_file, '--report', f'test={tmp_path / "r.json"}', '--out',
+                         str(tmp_path / 'c.md')])
+    assert "choose the checkpoint with --checkpoint (it holds ['md_mini_release', 'other'])" in str(exc.value.code)
+    assert not (tmp_path / 'c.md').exists()

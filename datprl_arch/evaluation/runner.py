@@ -115,10 +115,12 @@ def resolve_device(device: Optional[str]) -> str:
     return device
 
 
-def _inspect_checkpoints(paths: Sequence[str], option_network: Optional[dict], option_file: str):
-    labels = checkpoint_labels(paths)
+def _inspect_checkpoints(names: Sequence[str], option_network: Optional[dict], option_file: str):
+    """What each checkpoint given is (``release``: the shipped model, labelled so)."""
+    labels = checkpoint_labels(names)
     infos = []
-    for path, label in zip(paths, labels):
+    for name, label in zip(names, labels):
+        path = resolve_checkpoint(name)
         checkpoint = read_checkpoint(path)  # CheckpointError names a missing / unreadable file
         carried = network_options(checkpoint)
         if carried is None and not option_network:
@@ -345,7 +347,7 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
         raise OptionFileError(f'{option_file}: no name; give one in the file or with --name.')
     path_opt = opt.get('path') or {}
     checkpoints = list(checkpoints) or [path_opt.get('pretrain_network_g') or RELEASE]
-    checkpoints = [resolve_checkpoint(osp.expanduser(c)) for c in checkpoints]
+    checkpoints = [osp.expanduser(c) for c in checkpoints]
     infos = _inspect_checkpoints(checkpoints, opt.get('network_g'), option_file)
     device = resolve_device(device)
     problem = amp_problem(torch.device(device), amp) if amp is not None else None
