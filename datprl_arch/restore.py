@@ -8,7 +8,9 @@
     python -m datprl_arch.restore --ckpt explicit.pth INPUT OUTPUT --blend derain:dehaze:0.3
 
 INPUT is an image or a folder (PNG, TIFF, JPEG; 8/16-bit; gray or colour), OUTPUT a file or a folder; outputs keep
-the input's name, bit depth and channels. ``--task``/``--blend`` fix the prompt of every image
+the input's name, bit depth and channels (an alpha channel is written back unchanged; a palette PNG is written in full
+colour). An image that cannot be read is named and skipped; the others are restored, and the exit status is 1.
+``--task``/``--blend`` fix the prompt of every image
 (:mod:`datprl_arch.inference.prompt_control`). The library is :mod:`datprl_arch.inference.restore`.
 """
 from __future__ import annotations

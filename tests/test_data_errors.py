@@ -58,6 +58,17 @@ def test_truncated_png(tmp_path, pairs):
         build(tmp_path)
 
 
+@pytest.mark.parametrize('phase', ['train', 'val'])
+def test_zero_byte_image_is_named_at_construction(tmp_path, pairs, phase):
+    """N69: an empty GT file (its LQ partner valid) is named as empty, not reported by an OpenCV assertion."""
+    path = os.path.join(pairs[0], 'img001.png')
+    open(path, 'wb').close()
+    with pytest.raises(DataSourceError) as err:
+        build(tmp_path, phase=phase, gt_size=16 if phase == 'train' else None)
+    assert f'[rain] {path}: empty file (0 bytes); expected an image (PNG, TIFF, JPEG or BMP).' in str(err.value)
+    assert 'cv2' not in str(err.value) and err.value.__cause__ is None
+
+
 def test_sizes_that_contradict_the_declared_scale(tmp_path):
     dirs = write_pairs(str(tmp_path), 2, (32, 48), scale=4)
     with pytest.raises(DataSourceError) as err:

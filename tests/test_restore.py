@@ -253,7 +253,7 @@ def test_restore_folder_keeps_names_skips_corrupt_files_and_tiles_large_images(t
     assert read(tmp_path / 'out' / 'b.tif').dtype == np.uint16 and read(tmp_path / 'out' / 'b.tif').shape == (32, 24)
     assert read(tmp_path / 'out' / 'large.png').shape == (72, 80, 3)
     err = capsys.readouterr().err
-    assert '1 of 4 images failed' in err and 'broken.png: not a readable image' in err and 'Traceback' not in err
+    assert '1 of 4 images failed' in err and 'broken.png: truncated or damaged PNG' in err and 'Traceback' not in err
     tiled = [r.getMessage() for r in log_records if 'tiles of' in r.getMessage()]
     assert len(tiled) == 0  # --quiet hides information messages
     assert main(['--ckpt', ckpt, '--max-pixels', '2048', '--tile-overlap', '8', str(src / 'large.png'),
@@ -421,3 +421,98 @@ def test_task_needs_a_prompt_per_task(tmp_path, checkpoint, capsys):
     with pytest.raises(SystemExit):
         main(['--ckpt', ckpt, '--task', 'a', '--blend', 'a:b:0', str(tmp_path / 'a.png'), str(tmp_path / 'o')])
     assert 'not allowed with argument' in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ damaged, alpha, palette
+def test_empty_and_truncated_images_are_named_and_skipped_the_others_restored(tmp_path, checkpoint, capfd):
+    """N2/N3: a zero-byte PNG and a PNG cut in half are named (empty; truncated or damaged PNG), without OpenCV's
+    assertion or libpng's raw line; the images after them are still restored and the status is 1."""
+    ckpt, _ = checkpoint
+    src = tmp_path / 'in'
+    src.mkdir()
+    (src / 'a_zero.png').write_bytes(b'')
+    cv2.imwrite(str(src / 'b_ok.png'), smooth_image((16, 24, 3), np.uint8))
+    cv2.imwrite(str(src / 'c_ok.png'), smooth_image((16, 16), np.uint16))
+    whole = (src / 'b_ok.png').read_bytes()
+    (src / 'd_truncated.png').write_bytes(whole[:len(whole) // 2])
+    assert main(['--ckpt', ckpt, '--quiet', str(src), str(tmp_path / 'out')]) == 1
+    assert sorted(os.listdir(tmp_path / 'out')) == ['b_ok.png', 'c_ok.png']
+    err = capfd.readouterr().err
+    assert '2 of 4 images failed' in err and 'Traceback' not in err and 'libpng' not in err, err
+    assert f"{src / 'a_zero.png'}: empty file (0 bytes); expected an image" in err
+    assert f"{src / 'd_truncated.png'}: truncated or damaged PNG" in err
+    assert main(['--ckpt', ckpt, '--quiet', str(src / 'a_zero.png'), str(tmp_path / 'alone.png')]) == 1
+    err = capfd.readouterr().err
+    assert '1 of 1 images failed' in err and 'empty file (0 bytes)' in err and 'Traceback' not in err
+    assert not (tmp_path / 'alone.png').exists()
+
+
+@pytest.mark.parametrize('dtype', [np.uint8, np.uint16], ids=['8bit', '16bit'])
+def test_alpha_is_kept_unchanged_beside_the_restored_colour(tmp_path, checkpoint, capsys, dtype):
+    """N4: RGBA in, RGBA out; the colour channels are restored as for an RGB image, the alpha bytes are identical."""
+    ckpt, ema = checkpoint
+    colour = smooth_image((16, 24, 3), dtype)
+    alpha = smooth_image((16, 24), dtype, seed=5)
+    cv2.imwrite(str(tmp_path / 'rgba.png'), np.dstack([colour, alpha]))
+    assert main(['--ckpt', ckpt, '--quiet', str(tmp_path / 'rgba.png'), str(tmp_path / 'out') + '/']) == 0
+    out = read(tmp_path / 'out' / 'rgba.png')
+    assert out.dtype == dtype and out.shape == (16, 24, 4)
+    assert out[..., 3].tobytes() == alpha.tobytes()
+    assert np.array_equal(out[..., :3], expected(ema, colour, ImageFormat(8 * np.dtype(dtype).itemsize, 3)))
+    assert main(['--ckpt', ckpt, '--quiet', str(tmp_path / 'rgba.png'), str(tmp_path / 'rgba.jpg')]) == 1
+    err = capsys.readouterr().err
+    what = 'alpha channel' if dtype == np.uint8 else '16-bit image'  # the bit depth is checked first
+    assert f'.jpg cannot store the {what}' in err and 'Traceback' not in err
+
+
+def test_palette_png_is_expanded_and_said_so(tmp_path, checkpoint, log_records):
+    """N7: a 16-colour palette PNG is restored in 8-bit RGB, with an information line saying it was expanded."""
+    from PIL import Image
+
+    ckpt, ema = checkpoint
+    rng = np.random.default_rng(0)
+    indices = rng.integers(0, 16, (16, 16)).astype(np.uint8)
+    image = Image.fromarray(indices, 'P')
+    image.putpalette(rng.integers(0, 256, 16 * 3).astype(np.uint8).tolist())
+    image.save(tmp_path / 'palette.png')
+    assert main(['--ckpt', ckpt, str(tmp_path / 'palette.png'), str(tmp_path / 'out') + '/']) == 0
+    out = read(tmp_path / 'out' / 'palette.png')
+    assert out.dtype == np.uint8 and out.shape == (16, 16, 3)
+    assert np.array_equal(out, expected(ema, read(tmp_path / 'palette.png'), ImageFormat(8, 3)))
+    said = [r.getMessage() for r in log_records if 'palette PNG' in r.getMessage()]
+    assert said == [f"{tmp_path / 'palette.png'}: palette PNG expanded to 8-bit RGB; the result is written in full "
+                    'colour, not as a palette image']
+
+
+def test_opt_that_conflicts_with_the_checkpoints_network_names_the_differing_keys(tmp_path, checkpoint, capsys,
+                                                                                  log_records):
+    """N19: --opt replaces the network_g the checkpoint carries; when they differ, the message names the conflict
+    and the differing keys (an error when the weights do not fit, a warning when they do)."""
+    ckpt, _ = checkpoint
+    cv2.imwrite(str(tmp_path / 'a.png'), smooth_image((16, 16, 3), np.uint8))
+    opt = tmp_path / 'other.yml'
+    opt.write_text(yaml.safe_dump({'name': 'x', 'network_g': dict(TINY, degradation_pool_size=5)}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(['--ckpt', ckpt, '--opt', str(opt), str(tmp_path / 'a.png'), str(tmp_path / 'out') + '/'])
+    message = str(exit_info.value)
+    assert message.startswith(f'datprl-restore: error: the network_g of {opt} differs from the network_g that '
+                              f'{ckpt} carries (option file vs checkpoint: degradation_pool_size: 5 vs 7)'), message
+    assert 'drop --opt' in message and 'does not fit' not in message
+    opt.write_text(yaml.safe_dump({'name': 'x', 'network_g': dict(TINY, degradation_top_k=1)}))
+    assert main(['--ckpt', ckpt, '--opt', str(opt), '--quiet', str(tmp_path / 'a.png'),
+                 str(tmp_path / 'out') + '/']) == 0
+    warned = [r.getMessage() for r in log_records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and 'degradation_top_k: 1 vs 2' in warned[0] and 'the weights fit' in warned[0]
+    assert 'Traceback' not in capsys.readouterr().err
+
+
+def test_blend_of_a_name_that_is_no_file_says_why_task_names_do_not_apply(tmp_path, checkpoint):
+    """N23: on a checkpoint without a prompt per task, the message is a whole sentence saying why 'foo' is neither."""
+    ckpt, _ = checkpoint
+    cv2.imwrite(str(tmp_path / 'a.png'), smooth_image((16, 16, 3), np.uint8))
+    with pytest.raises(SystemExit) as exit_info:
+        main(['--ckpt', ckpt, '--blend', 'foo:bar:0.5', str(tmp_path / 'a.png'), str(tmp_path / 'out') + '/'])
+    assert str(exit_info.value) == (
+        "datprl-restore: error: --blend: 'foo' is neither an image file nor a task name of this checkpoint: "
+        'DATPRLRestormer with dual prompt pools has no prompt per task, so A and B must be reference image files '
+        '(task names need a checkpoint trained with prompt type ExplicitPrompt or LowRankPrompt)')

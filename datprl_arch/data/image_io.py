@@ -32,6 +32,12 @@ IMAGE_SUFFIXES = ('.png', '.tif', '.tiff', '.jpg', '.jpeg', '.bmp', '.webp')
 _JPEG_EOI = b'\xff\xd9'
 #: The first bytes of every PNG file.
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+#: The type of the chunk every complete PNG ends with.
+PNG_END = b'IEND'
+#: Offset of the colour type byte in a PNG (signature, IHDR length and type, width, height, bit depth).
+PNG_COLOUR_TYPE_OFFSET = 25
+#: PNG colour type of a palette image.
+PNG_PALETTE = 3
 #: Bytes of signature + IHDR chunk (length, type, 13 data bytes, CRC): all a PNG header check reads.
 PNG_HEADER_BYTES = 33
 #: PNG colour type -> channels after decoding with the alpha channel dropped (gray, RGB, palette, gray+alpha, RGBA).
@@ -53,28 +59,84 @@ class ImageDecodeError(DatprlError, ValueError):
     """Raised when bytes cannot be decoded into an image."""
 
 
-def decode_raw(content: bytes, where: str = '<bytes>') -> tuple[np.ndarray, ImageFormat]:
-    """Decode image bytes to their stored pixels ``(H, W, C)`` (uint8, uint16 or float32; BGR) and format.
+@dataclasses.dataclass(frozen=True)
+class DecodedImage:
+    """Stored pixels ``(H, W, C)`` (C in {1, 3}, BGR) and their format, the alpha channel ``(H, W)`` in the same
+    dtype when the image has one, and whether the file was a palette PNG (expanded to colour on decoding)."""
 
-    An alpha channel is dropped. Cropping before :func:`to_unit` avoids converting pixels that are thrown away.
-    ``where`` names the file in error messages.
+    pixels: np.ndarray
+    fmt: ImageFormat
+    alpha: Optional[np.ndarray] = None
+    palette: bool = False
+
+
+def _is_png(content) -> bool:
+    return bytes(content[:len(PNG_SIGNATURE)]) == PNG_SIGNATURE
+
+
+def png_colour_type(content) -> Optional[int]:
+    """The IHDR colour type of PNG bytes (3: palette), None for other formats or a header too short to say."""
+    if not _is_png(content) or len(content) <= PNG_COLOUR_TYPE_OFFSET:
+        return None
+    return content[PNG_COLOUR_TYPE_OFFSET]
+
+
+def decode_image(content, where: str = '<bytes>', verify: bool = False) -> DecodedImage:
+    """Decode image bytes to their stored pixels (uint8, uint16 or float32; BGR), format and alpha channel.
+
+    An empty file and a PNG that ends before its ``IEND`` chunk are named before OpenCV sees them (it would raise an
+    assertion, or libpng would print a raw error line); with ``verify``, a PNG's chunk checksums are checked too
+    (:func:`verify_png`), so damaged data is named rather than reported by libpng. ``where`` names the file in error
+    messages.
     """
     if content is None:
         raise ImageDecodeError(f'{where}: no data (missing file or LMDB key).')
-    img = cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_UNCHANGED)
+    if not len(content):
+        raise ImageDecodeError(f'{where}: empty file (0 bytes); expected an image (PNG, TIFF, JPEG or BMP).')
+    png = _is_png(content)
+    if png and bytes(content).rfind(PNG_END) < 0:
+        raise ImageDecodeError(f'{where}: truncated or damaged PNG (it ends before its IEND chunk).')
+    if png and verify:
+        verify_png(content, where)
+    try:
+        img = cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        img = None
     if img is None:
-        raise ImageDecodeError(f'{where}: not a readable image (expected PNG, TIFF, JPEG or BMP).')
+        what = 'truncated or damaged PNG' if png else 'not a readable image (expected PNG, TIFF, JPEG or BMP)'
+        raise ImageDecodeError(f'{where}: {what}.')
     if img.ndim == 2:
         img = img[..., None]
+    alpha = None
     if img.shape[2] == 4:
-        img = img[..., :3]
+        img, alpha = img[..., :3], img[..., 3]
     elif img.shape[2] == 2:  # gray + alpha
-        img = img[..., :1]
+        img, alpha = img[..., :1], img[..., 1]
+    palette = png_colour_type(content) == PNG_PALETTE
     if img.dtype in DTYPE_RANGE:
-        return img, ImageFormat(8 * img.dtype.itemsize, img.shape[2])
+        return DecodedImage(img, ImageFormat(8 * img.dtype.itemsize, img.shape[2]), alpha, palette)
     if np.issubdtype(img.dtype, np.floating):
-        return img.astype(np.float32), ImageFormat(32, img.shape[2])
+        return DecodedImage(img.astype(np.float32), ImageFormat(32, img.shape[2]),
+                            None if alpha is None else alpha.astype(np.float32), palette)
     raise ImageDecodeError(f'{where}: unsupported pixel type {img.dtype} (expected uint8, uint16 or float).')
+
+
+def decode_raw(content: bytes, where: str = '<bytes>') -> tuple[np.ndarray, ImageFormat]:
+    """Decode image bytes to their stored pixels ``(H, W, C)`` (uint8, uint16 or float32; BGR) and format.
+
+    An alpha channel is dropped (:func:`decode_image` keeps it). Cropping before :func:`to_unit` avoids converting
+    pixels that are thrown away. ``where`` names the file in error messages.
+    """
+    decoded = decode_image(content, where)
+    return decoded.pixels, decoded.fmt
+
+
+def with_alpha(stored: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """A stored-format array (``(H, W)`` gray or ``(H, W, 3)`` BGR, e.g. from :func:`tensor_to_stored`) with
+    ``alpha`` appended unchanged as a fourth channel (BGRA; gray is replicated, as image writers store no
+    gray + alpha)."""
+    colour = np.repeat(stored[..., None], 3, axis=2) if stored.ndim == 2 else stored
+    return np.concatenate([colour, alpha.astype(colour.dtype, copy=False)[..., None]], axis=2)
 
 
 def to_unit(img: np.ndarray) -> np.ndarray:
@@ -201,12 +263,11 @@ def check_file(path: str, verify: bool = True) -> tuple[int, int]:
         im = Image.open(path)
     except FileNotFoundError:
         raise ImageDecodeError(f'{path}: file not found.') from None
-    except Exception:  # not a format Pillow knows: let OpenCV decide
+    except Exception:  # not a format Pillow knows (or an empty file): OpenCV decides below, naming the file
+        im = None
+    if im is None:
         with open(path, 'rb') as f:
-            img = cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise ImageDecodeError(f'{path}: not a readable image (expected PNG, TIFF, JPEG or BMP).') from None
-        return img.shape[:2]
+            return decode_image(f.read(), path).pixels.shape[:2]
     with im:
         w, h = im.size
         fmt = im.format

@@ -70,8 +70,13 @@ def reference_prompt(restorer, reference: str) -> torch.Tensor:
         return task_prompt(restorer.net, reference).to(restorer.device)
     if not os.path.isfile(reference):
         tasks = task_names(restorer.net)
-        listed = f'a task of this checkpoint ({list(tasks)}) nor ' if tasks else ''
-        raise PromptChoiceError(f'--blend: {reference!r} is neither {listed}an image file')
+        if tasks:
+            raise PromptChoiceError(f'--blend: {reference!r} is neither a task of this checkpoint ({list(tasks)}) nor '
+                                    'an image file')
+        raise PromptChoiceError(f'--blend: {reference!r} is neither an image file nor a task name of this checkpoint: '
+                                f'{_prompt_kind(restorer.net)} has no prompt per task, so A and B must be reference '
+                                'image files (task names need a checkpoint trained with prompt type ExplicitPrompt or '
+                                'LowRankPrompt)')
     from basicsr.utils import img2tensor
     try:
         with open(reference, 'rb') as f:

@@ -29,11 +29,11 @@ from basicsr.archs import build_network
 from basicsr.utils import get_root_logger, img2tensor, scandir
 
 from ..archs.prompt import PromptSystem
-from ..data.image_io import (NETWORK_CHANNELS, ImageDecodeError, decode_raw, tensor_to_stored, to_channels, to_unit,
-                             write)
+from ..data.image_io import (NETWORK_CHANNELS, ImageDecodeError, decode_image, tensor_to_stored, to_channels, to_unit,
+                             with_alpha, write)
 from ..options import load_option_file
-from ..utils.checkpoint import (NETWORK_KEY, PARAM_KEYS, extract_state_dict, load_weights, network_options,
-                                read_checkpoint)
+from ..utils.checkpoint import (NETWORK_KEY, PARAM_KEYS, CheckpointError, extract_state_dict, load_weights,
+                                network_options, read_checkpoint)
 from ..utils.precision import AMP_DTYPES, amp_problem, autocast, memory_format
 from .prompt_control import PromptChoiceError, chosen_prompt, parse_blend
 from .tiling import check_tiling, plan_tiles, tiled_apply
@@ -42,6 +42,10 @@ from .tiling import check_tiling, plan_tiles, tiled_apply
 IMAGE_SUFFIXES = ('.png', '.tif', '.tiff', '.jpg', '.jpeg')
 #: Bit depths each output format stores (OpenCV would silently write a 16-bit image into a JPEG as 8-bit).
 SUFFIX_BIT_DEPTHS = {'.png': (8, 16), '.jpg': (8,), '.jpeg': (8,), '.tif': (8, 16, 32), '.tiff': (8, 16, 32)}
+#: Differing network_g keys a conflict between --opt and a checkpoint names before it only counts the rest.
+LISTED_OPTIONS = 6
+#: Output formats that store an alpha channel (kept unchanged beside the restored colour channels).
+ALPHA_SUFFIXES = ('.png', '.tif', '.tiff')
 #: Largest image restored in one forward; larger ones are tiled. The 6-task network needs about 7.5 GB at
 #: 1024x1024 on the CPU (docs/architecture.md, "Restoring users' images").
 MAX_PIXELS_PER_FORWARD = 1024 * 1024
@@ -116,11 +120,39 @@ def network_config(checkpoint: Mapping, ckpt_path: str, opt_file: Optional[str] 
     return options
 
 
+def _plain(value):
+    """``value`` with tuples as lists and mappings as dicts, so options from YAML and from a checkpoint compare."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def differing_options(chosen: Mapping, carried: Mapping) -> list[str]:
+    """``key: chosen vs carried`` for every top-level ``network_g`` key whose value differs (absent: ``-``)."""
+    missing = object()
+    lines = []
+    for key in dict.fromkeys([*chosen, *carried]):
+        ours, theirs = _plain(chosen.get(key, missing)), _plain(carried.get(key, missing))
+        if ours != theirs:
+            lines.append(f'{key}: {"-" if ours is missing else ours!r} vs {"-" if theirs is missing else theirs!r}')
+    return lines
+
+
 def load_network(ckpt_path: str, opt_file: Optional[str] = None, param_key: Optional[str] = None) -> nn.Module:
     """Build the checkpoint's network (BasicSR's ``build_network``) and load its weights: ``param_key`` if given
-    (an error when missing), else ``params_ema``, else ``params``, else a Lightning or plain state_dict."""
+    (an error when missing), else ``params_ema``, else ``params``, else a Lightning or plain state_dict.
+
+    When ``opt_file``'s ``network_g`` replaces one the checkpoint carries and differs from it, the differing keys
+    are named: in the error when the weights then do not fit, in a warning when they do.
+    """
     checkpoint = read_checkpoint(ckpt_path)
     options = network_config(checkpoint, ckpt_path, opt_file)
+    carried = network_options(checkpoint) if opt_file is not None else None
+    conflict = differing_options(options, carried) if carried is not None else []
+    listed = '; '.join(conflict[:LISTED_OPTIONS]) + (f'; {len(conflict) - LISTED_OPTIONS} more'
+                                                     if len(conflict) > LISTED_OPTIONS else '')
     where = opt_file or ckpt_path
     try:
         net = build_network(options)
@@ -130,7 +162,21 @@ def load_network(ckpt_path: str, opt_file: Optional[str] = None, param_key: Opti
         entries = [k for k, v in checkpoint.items() if isinstance(v, Mapping)]
         raise RestoreError(f'{ckpt_path} has no weights entry {param_key!r} (it has {entries})')
     key = param_key or next((k for k in PARAM_KEYS if k in checkpoint), None)
-    load_weights(net, extract_state_dict(checkpoint, key, source=ckpt_path), ckpt_path)
+    state_dict = extract_state_dict(checkpoint, key, source=ckpt_path)
+    try:
+        load_weights(net, state_dict, ckpt_path)
+    except CheckpointError as err:
+        if not conflict:
+            raise
+        detail = str(err.__cause__ or err).strip().splitlines()[-1].strip()
+        raise RestoreError(f'the network_g of {opt_file} differs from the network_g that {ckpt_path} carries '
+                           f'(option file vs checkpoint: {listed}), and the weights do not fit the option file\'s '
+                           'network: drop --opt to restore with the network the checkpoint describes, or pass the '
+                           f'option file it was trained with ({detail})') from None
+    if conflict:
+        get_root_logger().warning(f'the network_g of {opt_file} differs from the network_g that {ckpt_path} carries '
+                                  f'(option file vs checkpoint: {listed}); the weights fit, so the option file\'s '
+                                  'network is used (drop --opt to use the checkpoint\'s own).')
     get_root_logger().info(f'Restoring with {type(net).__name__} (network_g of {where}), weights '
                            f'{key or "state_dict"} of {ckpt_path}')
     return net
@@ -289,18 +335,30 @@ def parse_blend_or_fail(blend: str) -> None:
 
 def restore_file(restorer: Restorer, src: str, dst: str) -> None:
     """Restore the image ``src`` into ``dst`` (same bit depth and channels), atomically; ``ImageDecodeError`` or
-    :class:`ImageFailure` name the file when it cannot be read, restored or written."""
+    :class:`ImageFailure` name the file when it cannot be read, restored or written.
+
+    An alpha channel is not restored (the network sees colour only): it is written back unchanged beside the
+    restored colour channels. A palette PNG is restored and written in full colour, and said so.
+    """
     try:
         with open(src, 'rb') as f:
             content = f.read()
     except OSError as err:
         raise ImageFailure(f'{src}: cannot be read ({err.strerror})') from None
-    raw, fmt = decode_raw(content, where=src)
+    decoded = decode_image(content, where=src, verify=True)
+    raw, fmt, alpha = decoded.pixels, decoded.fmt, decoded.alpha
     suffix = os.path.splitext(dst)[1].lower()
     if fmt.bit_depth not in SUFFIX_BIT_DEPTHS.get(suffix, (fmt.bit_depth,)):
         fitting = [s for s, depths in SUFFIX_BIT_DEPTHS.items() if fmt.bit_depth in depths]
         raise ImageFailure(f'{dst}: {suffix} cannot store the {fmt.bit_depth}-bit image {src}; write it as one of '
                            f'{fitting}')
+    if alpha is not None and suffix not in ALPHA_SUFFIXES:
+        raise ImageFailure(f'{dst}: {suffix} cannot store the alpha channel of {src}; write it as one of '
+                           f'{list(ALPHA_SUFFIXES)}')
+    if decoded.palette:
+        colour = 'RGB' if alpha is None else 'RGBA'
+        get_root_logger().info(f'{src}: palette PNG expanded to {fmt.bit_depth}-bit {colour}; the result is written '
+                               'in full colour, not as a palette image')
     x = img2tensor(to_channels(to_unit(raw), restorer.channels), bgr2rgb=True, float32=True)[None]
     try:
         y, side = restorer(x)
@@ -313,7 +371,8 @@ def restore_file(restorer: Restorer, src: str, dst: str) -> None:
         get_root_logger().info(f'{src}: {x.shape[-2]}x{x.shape[-1]} restored in {count} tiles of {side} pixels '
                                f'(overlap {restorer.overlap}){shared}')
     try:
-        write(dst, tensor_to_stored(y, fmt))
+        stored = tensor_to_stored(y, fmt)
+        write(dst, stored if alpha is None else with_alpha(stored, alpha))
     except (ValueError, OSError, cv2.error) as err:
         raise ImageFailure(f'{dst}: cannot be written ({err})') from None
 
