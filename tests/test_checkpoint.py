@@ -82,6 +82,25 @@ def test_missing_file_and_non_checkpoint(tmp_path, golden):
         load_checkpoint(fresh(golden), str(tmp_path / 'notes.pth'))
 
 
+@pytest.mark.parametrize('trust', [True, False], ids=['trust_pickle', 'weights_only'])
+def test_convert_of_a_truncated_file_names_it(tmp_path, golden, capsys, trust):
+    """N76: with or without --trust-pickle, a checkpoint cut in half ends with one message naming the file."""
+    from datprl_arch.tools.convert_checkpoint import main as convert_main
+
+    whole = tmp_path / 'whole.pth'
+    torch.save({'params': golden['state_dict']}, whole)
+    data = whole.read_bytes()
+    (tmp_path / 'trunc.pth').write_bytes(data[:len(data) // 2])
+    flags = ['--trust-pickle'] if trust else []
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main([str(tmp_path / 'trunc.pth'), str(tmp_path / 'out.pth'), *flags])
+    message = str(exit_info.value)
+    assert message.startswith(f"convert_checkpoint: error: cannot read {tmp_path / 'trunc.pth'} as a PyTorch "
+                              'checkpoint'), message
+    assert 'Traceback' not in message + capsys.readouterr().err and not (tmp_path / 'out.pth').exists()
+    assert ('truncated, damaged or not a checkpoint' in message) == trust
+
+
 def test_training_state_is_not_mistaken_for_weights(tmp_path, golden):
     torch.save({'iter': 10, 'epoch': 1, 'optimizers': [], 'schedulers': []}, tmp_path / '10.state')
     with pytest.raises(CheckpointError, match='not tensors'):

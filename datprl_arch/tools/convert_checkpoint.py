@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..utils.atomic import atomic_torch_save
-from ..utils.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+from ..utils.checkpoint import CheckpointError, extract_state_dict, load_error_summary, read_checkpoint
 
 
 def convert(src: str, dst: str, trust_pickle: bool = False, param_key: Optional[str] = None) -> int:
@@ -28,7 +28,11 @@ def convert(src: str, dst: str, trust_pickle: bool = False, param_key: Optional[
     if trust_pickle:
         if not os.path.isfile(src):
             raise CheckpointError(f'checkpoint {src} does not exist')
-        checkpoint = torch.load(src, map_location='cpu', weights_only=False)
+        try:
+            checkpoint = torch.load(src, map_location='cpu', weights_only=False)
+        except Exception as err:  # a damaged file fails in many ways (zip reader, unpickler, EOF)
+            raise CheckpointError(f'cannot read {src} as a PyTorch checkpoint ({load_error_summary(err)}); the file '
+                                  'is truncated, damaged or not a checkpoint') from None
     else:
         checkpoint = read_checkpoint(src)
     state_dict = extract_state_dict(checkpoint, param_key, source=src)
