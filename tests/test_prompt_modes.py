@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 import datprl_arch  # noqa: F401  (registration)
 from basicsr.archs import build_network
+from datprl_arch.archs.prompt import dead_parameter_names
 from datprl_arch.archs.prompt.modes import PROMPT_MODES, ModeState
 from datprl_arch.archs.prompt.modes.distribution import DistributionPrompt, assign, gaussian_kl
 from datprl_arch.archs.prompt.modes.low_rank import LowRankPrompt, low_rank_prompts
@@ -290,10 +291,9 @@ def test_explicit_prompt_follows_labels_then_its_classifier():
             torch.testing.assert_close(state.losses['l_cls'], 0.3 * F.cross_entropy(state.task_logits, labels))
         else:
             assert not state.losses  # evaluation: no classifier term
-    for training in (True, False):
-        state = mode.train(training)({'input': x}, None)
-        assert torch.equal(state.prompt, mode.task_prompts.weight[state.task_logits.argmax(dim=-1)])
-        assert not state.losses  # no labels: no classifier term
+    state = mode.eval()({'input': x}, None)  # evaluation without labels: the classifier's choice
+    assert torch.equal(state.prompt, mode.task_prompts.weight[state.task_logits.argmax(dim=-1)])
+    assert not state.losses
     with torch.no_grad():
         mode.classifier.head.bias.copy_(torch.tensor([0.0, 0.0, 100.0]))  # the classifier now says dehaze
     state = mode.eval()({'input': x}, None)
@@ -442,9 +442,10 @@ def test_task_labels_map_names_in_the_order_of_tasks():
                 assert torch.equal(net.prompt_state.prompt, weight[[1, 1, 1, 1]])
             assert net._task_labels.tolist() == [2, 0, 2, 1]  # the inner block restores the outer labels
         assert net._task_labels is None
-        net(x)  # outside: the classifier picks
+        net.eval()(x)  # outside, in evaluation: the classifier picks (training without labels is refused)
         state = net.prompt_state
         assert torch.equal(state.prompt, weight[state.task_logits.argmax(dim=-1)]) and not state.losses
+        net.train()
 
         message = re.escape("the batch's task 'deblur' is not in prompt.tasks ['denoise', 'derain', 'dehaze']")
         with pytest.raises(NetworkOptionError, match=message):
@@ -500,3 +501,31 @@ def test_mode_classes_are_registered():
     assert {name: PROMPT_MODES[name] for name in MODE_NAMES} == {
         'ExplicitPrompt': ExplicitPrompt, 'AdaptivePrompt': AdaptivePrompt, 'LowRankPrompt': LowRankPrompt,
         'DistributionPrompt': DistributionPrompt}
+
+
+def test_explicit_prompt_without_classifier_weight_freezes_and_skips_its_classifier():
+    """``classifier_weight: 0``: no loss trains the classifier, so it is frozen (DDP would wait for its gradients) and
+    not run; an evaluation without labels is refused instead of following the untrained classifier."""
+    torch.manual_seed(0)
+    net = wrapped('ExplicitPrompt', classifier_weight=0)
+    dead = dead_parameter_names(net)
+    classifier = {n for n, _ in net.named_parameters() if '.classifier.' in n}
+    assert classifier and classifier <= dead
+    mode = ExplicitPrompt({'input': 3}, tasks=TASKS, width=5, classifier_weight=0)
+    x, labels = image(), labels_of(BATCH_TASKS)
+    state = mode.train()({'input': x}, labels)
+    assert state.task_logits is None and not state.losses
+    with pytest.raises(NetworkOptionError, match='trained with classifier_weight: 0, so its task classifier is '
+                       r'untrained .*restore --task NAME'):
+        mode.eval()({'input': x}, None)
+    with pytest.raises(NetworkOptionError, match='trains on task labels, and this batch has none'):
+        ExplicitPrompt({'input': 3}, tasks=TASKS, width=5).train()({'input': x}, None)
+
+
+def test_prototype_similarities_are_float32_under_autocast():
+    torch.manual_seed(0)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        sims, weights = assign(torch.randn(4, 8).bfloat16(), torch.randn(5, 8), top_k=2, temperature=0.1)
+    assert sims.dtype == weights.dtype == torch.float32
+    exact, _ = assign(torch.randn(4, 8).bfloat16().float(), torch.randn(5, 8), top_k=2, temperature=0.1)
+    assert exact.dtype == torch.float32

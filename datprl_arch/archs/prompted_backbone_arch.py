@@ -300,15 +300,18 @@ class PromptedBackbone(PromptSystem):
 
     @torch.no_grad()
     def _check_forward(self, probe: Probe) -> None:
-        """One forward of the probe input through the wrapper: every tap and injection works."""
+        """One forward of the probe input through the wrapper: every tap and injection works (a mode with a prompt
+        per task is given its first task, as a label would)."""
         x = torch.rand(probe.input_shape, generator=torch.Generator().manual_seed(0))
         training = self.training
+        if getattr(self.prompt_mode, 'task_names', None):
+            self._task_labels = torch.zeros(x.shape[0], dtype=torch.long)
         try:
             self.eval()
             self(x)
         finally:
             self.train(training)
-            self.prompt_state = None
+            self.prompt_state, self._task_labels = None, None
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -56,12 +56,18 @@ def check_gate_init(gate_init) -> str:
 
 
 def dead_parameter_names(net: nn.Module) -> set[str]:
-    """Parameters that cannot affect ``net``'s output: the single-key attention queries and keys of every block that
-    computes the closed form. They stay registered (official checkpoints carry them) but need no training."""
-    return {f'{prefix}.{name}' for prefix, block in net.named_modules()
+    """Parameters that need no training: the single-key attention queries and keys of every block that computes the
+    closed form (they cannot affect the output; they stay registered, official checkpoints carry them), and those a
+    module reports through ``untrained_parameter_names()`` (a prompt mode's classifier whose loss weight is 0)."""
+    dead = {f'{prefix}.{name}' for prefix, block in net.named_modules()
             if isinstance(block, PromptedBlock) and block.fusion_method == 'cross_attention' and not block.literal
             for member in DEAD_CROSS_ATTENTION if hasattr(block, member)
             for name in (f'{member}.weight', f'{member}.bias')}
+    for prefix, module in net.named_modules():
+        untrained = getattr(module, 'untrained_parameter_names', None)
+        if callable(untrained):
+            dead |= {f'{prefix}.{name}' if prefix else name for name in untrained()}
+    return dead
 
 
 class PromptedBlock(nn.Module):

@@ -19,7 +19,7 @@ SELECTION_NOISE_STD = 0.1  # std of the Gaussian noise added to the scaled simil
 INIT_NOISE_STD = 0.5  # std of the noise added at init to every prompt but the first
 
 
-def _autocast_off(device: torch.device):
+def autocast_off(device: torch.device):
     """Autocast disabled on ``device``'s type (nothing to disable where autocast does not exist, e.g. ``meta``).
 
     Kept here rather than imported from ``losses.precision``: this module needs nothing but torch."""
@@ -105,7 +105,7 @@ class PromptPool(nn.Module):
 
         The similarities, the top-k ranking and ``logits`` (the balance loss's input) are float32 also under
         ``torch.autocast``: bf16 keeps 2 to 3 significant digits of a cosine, which reorders close prompts."""
-        with _autocast_off(query.device):
+        with autocast_off(query.device):
             similarity = F.normalize(query.float(), dim=-1) @ F.normalize(self.prompt_keys.float(), dim=-1).t()
             logits = similarity / self.temperature.float().clamp(*TEMPERATURE_RANGE)
         ranking = logits + SELECTION_NOISE_STD * torch.randn_like(logits) if self.training else logits

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..pool import autocast_off
 from ..query import QUERY_GRIDS, PoolQuery
 from .base import DEFAULT_WIDTH, ModeState, PromptMode, check_positive, check_weight, register_mode
 
@@ -34,10 +35,14 @@ INITIAL_STD = 0.1  # the prompts' standard deviation at initialisation
 
 def assign(query: torch.Tensor, prototypes: torch.Tensor, top_k: int, temperature: float):
     """Query ``[B, D]``, prototypes ``[K, D]`` -> (similarities ``[B, K]``, weights ``[B, K]``: softmax of
-    ``s / temperature`` over each row's ``top_k`` largest similarities, zero elsewhere)."""
-    sims = F.normalize(query, dim=-1) @ F.normalize(prototypes, dim=-1).t()
-    top = sims.topk(top_k, dim=-1)
-    weights = torch.zeros_like(sims).scatter(-1, top.indices, (top.values / temperature).softmax(dim=-1))
+    ``s / temperature`` over each row's ``top_k`` largest similarities, zero elsewhere).
+
+    In float32 also under ``torch.autocast``, as the pools' similarities: bf16 keeps 2 to 3 significant digits of a
+    cosine, which reorders close prototypes and quantises the assignment loss near its optimum."""
+    with autocast_off(query.device):
+        sims = F.normalize(query.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).t()
+        top = sims.topk(top_k, dim=-1)
+        weights = torch.zeros_like(sims).scatter(-1, top.indices, (top.values / temperature).softmax(dim=-1))
     return sims, weights
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ....errors import NetworkOptionError
 from .base import (DEFAULT_WIDTH, INPUT_TAP, ModeState, PromptMode, check_positive, check_tasks, check_weight,
                    register_mode)
 from .encoder import ImageEncoder, TaskClassifier
@@ -52,10 +53,29 @@ class ExplicitPrompt(PromptMode):
         self.classifier = TaskClassifier(tap_channels[INPUT_TAP], len(self.task_names))
 
     def forward(self, features: Mapping[str, torch.Tensor], task_labels: Optional[torch.Tensor]) -> ModeState:
+        """Training takes the prompt of each image's task label; evaluation that of the label when given, else of
+        the classifier's choice. Refused where the prompt would come from a classifier that never trained (no
+        labels in training; ``classifier_weight: 0`` in evaluation without labels): ``--task NAME`` chooses."""
+        name = type(self).__name__
+        if task_labels is None and self.training:
+            raise NetworkOptionError(f'{name} trains on task labels, and this batch has none (no task_name): use a '
+                                     'dataset that labels its sources (DATPRLMultiDomainDataset with a task per '
+                                     'source)')
+        if task_labels is None and not self.classifier_weight:
+            raise NetworkOptionError(f'{name} was trained with classifier_weight: 0, so its task classifier is '
+                                     'untrained and cannot choose the prompt: give the task (restore --task NAME, '
+                                     'benchmark --task-prompts)')
+        if not self.classifier_weight:  # the classifier is not trained: not run either (no unused DDP parameters)
+            return ModeState(self.task_prompts(task_labels), {})
         logits = self.classifier(features[INPUT_TAP])
         index = task_labels if task_labels is not None else logits.argmax(dim=-1)
         return ModeState(self.task_prompts(index), classifier_loss(logits, task_labels, self.classifier_weight,
                                                                    self.training), logits)
+
+    def untrained_parameter_names(self) -> set[str]:
+        """The classifier's parameters when ``classifier_weight`` is 0: no loss reaches them (frozen, so that DDP
+        does not wait for their gradients)."""
+        return set() if self.classifier_weight else {f'classifier.{n}' for n, _ in self.classifier.named_parameters()}
 
     def task_prompt(self, index: int) -> torch.Tensor:
         return self.task_prompts.weight[index:index + 1]
