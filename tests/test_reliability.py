@@ -35,6 +35,7 @@ from datprl_arch.options import OptionFileError, load_option_file
 from datprl_arch.options_schema import validate
 from datprl_arch.utils import resume
 from datprl_arch.utils.checkpoint import CheckpointError, load_checkpoint
+from datprl_arch.utils.network_probe import PROBE_SIZE
 
 from networks import SMALL_PROMPTS
 from toy import write_pairs
@@ -290,6 +291,33 @@ def test_poisoned_checkpoints_are_never_written(tmp_path, log_records):
     assert sorted(os.listdir(tmp_path / 'exp' / 'models')) == ['net_g_6.pth']
 
 
+def _blow_up(net):
+    """Finite weights whose output is not: the last convolution at 3e38 overflows to inf on any input."""
+    with torch.no_grad():
+        net.output.weight.fill_(3e38)
+
+
+def test_a_checkpoint_whose_network_restores_nothing_is_not_written(tmp_path, log_records):
+    model = build_model(model_opt(tmp_path))
+    good = {k: v.clone() for k, v in model.net_g.state_dict().items()}
+    _blow_up(model.net_g)
+    model.save(0, 1)  # every weight finite, the output on the probe is not
+    model.net_g.load_state_dict(good)
+    _blow_up(model.net_g_ema)
+    model.save(0, 2)
+    assert not os.path.exists(tmp_path / 'exp' / 'models') and not os.path.exists(tmp_path / 'exp' / 'states')
+    text = messages(log_records)
+    probe = f'its output on the [1, 3, {PROBE_SIZE}, {PROBE_SIZE}] probe input has {3 * PROBE_SIZE ** 2} ' \
+            f'non-finite value(s) of {3 * PROBE_SIZE ** 2}'
+    assert f'Not saving the checkpoint and training state of iter 1: net_g restores nothing: {probe}. The last ' \
+           'saved checkpoint stays the newest.' in text
+    assert f'Not saving the checkpoint and training state of iter 2: net_g_ema restores nothing: {probe}.' in text
+    assert model.net_g.training and not model.net_g_ema.training  # the probe leaves the modes as they were
+    model.net_g_ema.load_state_dict(good)
+    model.save(0, 3)
+    assert sorted(os.listdir(tmp_path / 'exp' / 'models')) == ['net_g_3.pth']
+
+
 def _run_dirs(tmp_path):
     exp = tmp_path / 'experiments' / 'run'
     (exp / 'models').mkdir(parents=True)
@@ -331,6 +359,23 @@ def test_auto_resume_falls_back_past_damaged_states_and_network_files(tmp_path):
     opt['path']['resume_state'] = str(states / '8.state')
     with pytest.raises(CheckpointError, match=rf'training state {states / "8.state"} is empty'):
         _compat.load_resume_state(opt)
+
+
+def test_auto_resume_skips_states_whose_network_restores_nothing(tmp_path):
+    exp, opt = _run_dirs(tmp_path)
+    opt['network_g'] = dict(TINY_NET)
+    states, models = exp / 'training_states', exp / 'models'
+    net = PaddedRestormer(**{k: v for k, v in TINY_NET.items() if k != 'type'})
+    for it in (2, 4):
+        if it == 4:
+            _blow_up(net)  # saved after the weights blew up: finite, complete, and useless
+        torch.save({'epoch': 0, 'iter': it}, states / f'{it}.state')
+        torch.save({'params': net.state_dict(), 'params_ema': net.state_dict()}, models / f'net_g_{it}.pth')
+    assert _compat.load_resume_state(opt)['iter'] == 2
+    notes = '\n'.join(m for _, m in resume.pending(opt))
+    assert f'--auto_resume: skipping {states / "4.state"}: its network file {models / "net_g_4.pth"} (params_ema) ' \
+           f'restores nothing: its output on the [1, 3, {PROBE_SIZE}, {PROBE_SIZE}] probe input has ' in notes
+    assert f'resuming from the older state {states / "2.state"} (iter 2) because 1 newer one(s)' in notes
 
 
 def test_resume_beyond_total_iter_warns_and_keeps_the_saved_iteration(tmp_path):

@@ -44,6 +44,7 @@ from ..evaluation.metrics import metric_bits_note, parse_metric_bits, score
 from ..losses.pixel_weighting import DEFAULT_FLOOR, PIXEL_WEIGHTINGS, error_weights
 from ..utils.atomic import atomic_torch_save
 from ..utils.checkpoint import NETWORK_KEY, STAGES_KEY, load_checkpoint, plain_options
+from ..utils.network_probe import output_problem, probe_channels
 from ..utils.precision import AMP_DTYPES, amp_problem, autocast, memory_format
 from ..utils.registry import register
 from .analysis import PromptAnalysis
@@ -427,8 +428,9 @@ class DATPRLModel(SRModel):
     # ---------------------------------------------------------------- saving and resuming
     def save(self, epoch, current_iter):
         """BasicSR's save (networks, then training state), skipped with a warning when it would write a poisoned
-        checkpoint: the last step's losses were non-finite (the weights may be finite yet give NaN outputs), or a
-        weight or EMA value is non-finite. The previous checkpoint then stays the newest one resume finds.
+        checkpoint: the last step's losses were non-finite, a weight or EMA value is non-finite, or the network or
+        its EMA gives a non-finite output on the small probe input (finite weights that restore nothing). The previous
+        checkpoint then stays the newest one resume finds.
 
         First, on every rank (a collective), the prompt-usage counts of all ranks are collected on rank 0, so its
         training state holds the whole window's and a resumed run counts them once."""
@@ -442,16 +444,23 @@ class DATPRLModel(SRModel):
         super().save(epoch, current_iter)
 
     def _unsafe_to_save(self) -> str | None:
-        """Why the current weights must not be saved, or None."""
+        """Why the current weights must not be saved, or None: a non-finite last step, a non-finite weight, or a
+        network (or its EMA) whose output on the probe input is not finite (finite weights blown up by a step whose
+        loss was still finite: :mod:`~datprl_arch.utils.network_probe`)."""
         if getattr(self, 'nonfinite_steps', 0):
             return f'the last {self.nonfinite_steps} training step(s) had non-finite losses'
         for label in ('net_g', 'net_g_ema'):
             if not hasattr(self, label):
                 continue
-            bad = [name for name, value in self.get_bare_model(getattr(self, label)).state_dict().items()
+            net = self.get_bare_model(getattr(self, label))
+            bad = [name for name, value in net.state_dict().items()
                    if value.is_floating_point() and not torch.isfinite(value).all()]
             if bad:
                 return f'{label} holds non-finite values in {len(bad)} tensor(s), e.g. {bad[:3]}'
+            with self._eager():
+                problem = output_problem(net, probe_channels(self.opt.get('network_g')))
+            if problem:
+                return f'{label} restores nothing: {problem}'
         return None
 
     @master_only

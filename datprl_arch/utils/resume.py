@@ -1,10 +1,11 @@
 """Choosing the training state a run resumes from, safely.
 
 BasicSR's ``--auto_resume`` takes the highest-numbered ``training_states/<iter>.state`` and its
-``models/net_*_<iter>.pth`` files on trust. Here a candidate is used only when its state loads (``weights_only=True``)
-and every network file it needs is a complete archive; a damaged one (truncated, empty, not a checkpoint) is named in
-a warning and the next older candidate is tried. Leftover ``*.tmp-<pid>`` files of interrupted saves are removed
-first (never read).
+``models/net_*_<iter>.pth`` files on trust. Here a candidate is used only when its state loads (``weights_only=True``),
+every network file it needs is a complete archive, and the network of ``network_g`` with that file's weights gives a
+finite output on the probe input (:mod:`.network_probe`: a checkpoint saved after the weights blew up restores
+nothing); a damaged or poisoned one is named in a warning and the next older candidate is tried. Leftover
+``*.tmp-<pid>`` files of interrupted saves are removed first (never read).
 
 Messages for the log are kept per run (per option dict) until the runner's logger exists (it is created after the
 resume state is loaded) and written by :func:`log_pending`.
@@ -20,6 +21,7 @@ import torch
 from ..errors import MissingFileError
 from .checkpoint import CheckpointError, load_error_summary
 from .debris import remove_stale_tmp_files
+from .network_probe import build_quietly, checkpoint_output_problem, probe_channels
 
 #: Warnings and notes of the resume step per run (``id`` of its option dict), logged once its logger exists.
 _PENDING: dict[int, list[tuple[str, str]]] = {}
@@ -90,6 +92,32 @@ def checkpoint_problem(path: str) -> str | None:
     return f'{path} is damaged (entry {bad} fails its checksum)' if bad else None
 
 
+class GeneratorProbe:
+    """The probe of :mod:`.network_probe` on the ``net_g`` files of the resume candidates: the network of
+    ``network_g`` is built once, on the CPU, at the first file asked about (None when it cannot be built here: the
+    model build then reports the options)."""
+
+    def __init__(self, opt: dict):
+        self.opt, self.net, self.built = opt, None, False
+        self.skipped = 'network_g' in (opt['path'].get('ignore_resume_networks') or ())
+
+    def problem(self, current_iter: int) -> str | None:
+        """Why ``models/net_g_<iter>.pth`` holds weights that restore nothing (non-finite probe output), or None."""
+        network_opt = self.opt.get('network_g')
+        if self.skipped or not isinstance(network_opt, dict):
+            return None
+        if not self.built:
+            self.built = True
+            try:
+                self.net = build_quietly(network_opt)
+            except Exception:  # a bad network_g is the model build's to report, with its message
+                self.net = None
+        if self.net is None:
+            return None
+        path = osp.join(self.opt['path']['models'], f'net_g_{current_iter}.pth')
+        return checkpoint_output_problem(self.net, path, probe_channels(network_opt))
+
+
 def choose_resume_state(opt: dict) -> tuple[str, dict] | None:
     """``(path, state)`` to resume from, or None to start afresh (see the module docstring).
 
@@ -107,13 +135,16 @@ def choose_resume_state(opt: dict) -> tuple[str, dict] | None:
         path = osp.join(opt.get('root_path') or os.getcwd(), opt['path']['resume_state'])
         return path, read_state(path)
     candidates = training_states(opt['path']['training_states'])
-    skipped = []
+    skipped, probe = [], GeneratorProbe(opt)
     for current_iter, path in candidates:
         try:
             state = read_state(path)
             problems = [p for p in map(checkpoint_problem, network_files(opt, state['iter'])) if p]
             if problems:
                 raise CheckpointError(f'{path}: its network file {"; ".join(problems)}')
+            poisoned = probe.problem(state['iter'])
+            if poisoned:
+                raise CheckpointError(f'{path}: its network file {poisoned} (saved after the weights blew up)')
         except CheckpointError as err:
             skipped.append(str(err))
             _note(opt, 'warning', f'--auto_resume: skipping {err}.')
