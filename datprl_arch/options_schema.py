@@ -11,7 +11,9 @@ Unknown keys are errors where the reader of a section is known (BasicSR's ``SRMo
 this plugin's model and dataset; the ``train:`` keys of ``DATPRLModel`` are its ``TRAIN_KEYS``); for other types
 (other plugins, BasicSR's video and GAN-degradation models) only keys that are near misses of known ones are
 reported. Constructor arguments of ``network_g``, losses, optimizers and schedulers are checked against the
-signatures of the registered classes. Files named by options are checked where they are read.
+signatures of the registered classes. Where options name modules or parameters of the network (a PromptedBackbone's
+taps and injection points, ``train.freeze`` and the stages' ``freeze``), ``network_g`` is built on the CPU to resolve
+them (well under a second for this package's networks). Files named by options are checked where they are read.
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ BASICSR_SCHEDULERS = ('MultiStepLR', 'MultiStepRestartLR', 'CosineAnnealingResta
 _EXPONENT = re.compile(r'^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$')
 #: Keys whose values are names, never numbers.
 _NAME_KEYS = ('name', 'suffix', 'domain', 'task', 'domains', 'tasks', 'filename_tmpl', 'type', 'model_type')
+#: A message that starts with the option it is about (``taps.task: ...``).
+_LEADING_KEY = re.compile(r'^([A-Za-z_][\w.\[\]]*): ')
 #: How close an unknown key must be to a known one to be called a misspelling of it.
 NEAR_MISS = 0.75
 #: Problems listed before the rest is summarised.
@@ -307,17 +311,101 @@ def _check_path(c: Checker, opt: Mapping) -> None:
 def _check_network(c: Checker, opt: Mapping) -> None:
     from basicsr.utils.registry import ARCH_REGISTRY
 
+    from .archs.prompted_backbone_arch import DUAL_POOL, PROMPT_MODES
+
     for key in [k for k in opt if isinstance(k, str) and k.startswith('network_')]:
         section = c.section(key, opt[key], 'type: <registered network>, and its arguments')
-        if section is not None and c.typed(key, section, ARCH_REGISTRY, 'network') is not None \
-                and isinstance(section.get('backbone'), Mapping) and section['type'] == 'PromptedBackbone':
+        if section is None or c.typed(key, section, ARCH_REGISTRY, 'network') is None \
+                or section['type'] != 'PromptedBackbone':
+            continue
+        if isinstance(section.get('backbone'), Mapping):
             c.typed(f'{key}.backbone', section['backbone'], ARCH_REGISTRY, 'network')  # the wrapped network
+        prompt = section.get('prompt')
+        if isinstance(prompt, Mapping) and 'type' in prompt:
+            c.choice(f'{key}.prompt.type', prompt['type'], [DUAL_POOL, *PROMPT_MODES])
+
+
+def _network_needed(opt: Mapping, is_train: bool) -> bool:
+    """Whether checking the file needs ``network_g`` built: a PromptedBackbone (its taps and injection points name
+    modules of the backbone) or, in training, ``freeze`` lists (they name parameters)."""
+    network = opt.get('network_g')
+    if not isinstance(network, Mapping):
+        return False
+    if network.get('type') == 'PromptedBackbone':
+        return True
+    train = opt.get('train') if is_train else None
+    if not isinstance(train, Mapping):
+        return False
+    stages = train.get('stages') if isinstance(train.get('stages'), list) else []
+    return bool(train.get('freeze')) or any(isinstance(s, Mapping) and s.get('freeze') for s in stages)
+
+
+def _build_network(c: Checker, network: Mapping):
+    """``network_g`` built on the CPU (cheap for the networks of this package: well under a second), or None with a
+    problem naming ``network_g`` when its options do not build (a tap or injection point naming no module, ...)."""
+    from .errors import DatprlError
+    from .utils.network_probe import build_quietly
+
+    try:
+        return build_quietly(network)
+    except DatprlError as err:
+        key = _LEADING_KEY.match(str(err))  # 'taps.task: ...' -> network_g.taps.task
+        where, message = ('network_g.' + key[1], str(err)[key.end():]) if key else ('network_g', str(err))
+        c.add(where, message.rstrip('.') + '.')
+    except (ValueError, TypeError, KeyError, RuntimeError, AssertionError) as err:
+        c.add('network_g', f"{network['type']} cannot be built from these options ({type(err).__name__}: {err}).")
+    return None
+
+
+def _check_frozen(c: Checker, train: Mapping, net) -> None:
+    """``train.freeze`` and every ``train.stages[i].freeze`` name parts of ``network_g``'s parameters, and no stage
+    leaves nothing to train: the checks the model makes when it freezes, before any data is read."""
+    from .archs.prompt import dead_parameter_names
+    from .models.optim import check_trainable, resolve_parts
+    from .models.stages import parse_stages
+
+    def frozen(where: str, parts) -> Optional[set]:
+        if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
+            c.add(where, f'found {_found(parts)}, expected a list of parts (backbone, prompts or parameter-name '
+                  'prefixes).')
+            return None
+        found = set()
+        for part in parts:
+            try:
+                found |= resolve_parts(net, [part], where)
+            except ValueError as err:
+                c.add(where, str(err).partition(': ')[2] + '.')
+        return found
+
+    def trainable(where: str, names: set, what: str) -> bool:
+        try:
+            check_trainable(net, names, where, what)
+        except ValueError as err:
+            c.add(where, str(err).partition(': ')[2] + '.')
+            return False
+        return True
+
+    dead, base_parts = dead_parameter_names(net), train.get('freeze')
+    base = frozen('train.freeze', base_parts) if base_parts is not None else set()
+    if base is None or not trainable('train.freeze', base | dead, f'freezing {base_parts}'):
+        return
+    total = train.get('total_iter')
+    try:
+        stages = parse_stages(train.get('stages'), total if isinstance(total, int) else 1)
+    except ValueError:
+        return  # _check_stages reported it
+    for stage in stages:
+        where = f'train.stages[{stage.index}].freeze'
+        parts = frozen(where, list(stage.freeze))
+        if parts is not None:
+            trainable(where, base | parts | dead, stage.freezing(base_parts or ()))
 
 
 def _check_train(c: Checker, train: Mapping, train_keys, optimizers, schedulers, ours: bool,
                  train_tasks: Optional[set] = None) -> None:
     from basicsr.utils.registry import LOSS_REGISTRY
 
+    from .losses.pixel_weighting import PIXEL_WEIGHTINGS
     from .models.datprl_model import AMP_DTYPES, TRAIN_KEYS
     from .models.optim import OPTIMIZERS, SCHEDULERS
     from .models.prompt_objectives import ALIGNMENT_TARGETS
@@ -374,6 +462,11 @@ def _check_train(c: Checker, train: Mapping, train_keys, optimizers, schedulers,
     for key in ('use_amp', 'use_clip_constraint', 'reinit_prompts', 'enable_prompt_analysis', 'compile'):
         if key in train:
             c.flag(f'train.{key}', train[key])
+    if train.get('pixel_weighting') is not None:
+        c.choice('train.pixel_weighting', train['pixel_weighting'], PIXEL_WEIGHTINGS)
+    for key in ('pixel_weight_floor', 'pixel_weight_power'):  # weights max(error, floor) ** -power: both > 0
+        if key in train:
+            c.number(f'train.{key}', train[key], above=0)
     if train.get('use_amp') and 'amp_dtype' in train:
         c.choice('train.amp_dtype', train['amp_dtype'], sorted(AMP_DTYPES))
     if 'alignment_target' in train:
@@ -554,11 +647,16 @@ def validate(opt: Mapping, is_train: bool, option_file: str = '<option file>') -
         c.registered('model_type', opt['model_type'], MODEL_REGISTRY, 'model')
     if 'path' in opt:
         _check_path(c, opt)
+    before = len(c.problems)
     _check_network(c, opt)
+    net = _build_network(c, opt['network_g']) if len(c.problems) == before and _network_needed(opt, is_train) \
+        else None
     if 'datasets' in opt and c.section('datasets', opt['datasets'], REQUIRED_WHAT['datasets']) is not None:
         _check_datasets(c, opt['datasets'], is_train)
     if is_train and isinstance(opt.get('train'), Mapping):
         _check_train(c, opt['train'], train_keys, optimizers, schedulers, ours, _train_tasks(opt))
+        if ours and net is not None:
+            _check_frozen(c, opt['train'], net)
     elif is_train and 'train' in opt:
         c.section('train', opt['train'], REQUIRED_WHAT['train'])
     if isinstance(opt.get('logger'), Mapping):

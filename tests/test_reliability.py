@@ -42,6 +42,8 @@ from toy import write_pairs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_FILE = os.path.join(ROOT, 'options', 'demo', 'md_mini_train.yml')
+EDSR_FILE = os.path.join(ROOT, 'options', 'train', 'md_mini_edsr.yml')
+TEST_FILE = os.path.join(ROOT, 'options', 'demo', 'md_mini_test.yml')
 ENV = dict(os.environ, OMP_NUM_THREADS='1')
 SUBPROCESS_TIMEOUT_S = 300
 TINY_NET = dict(type='PaddedRestormer', dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1])
@@ -459,6 +461,34 @@ def _stage_task_typo(o):
     o['train']['stages'] = [{'until_iter': 500, 'tasks': ['derian']}, {}]
 
 
+def _freeze_typo(o):
+    o['train']['freeze'] = ['backbon']
+
+
+def _stage_freeze_typo(o):
+    o['train']['stages'] = [{'until_iter': 500, 'freeze': ['nonexistent_prefix']}, {}]
+
+
+def _stage_freezes_everything(o):
+    o['train']['stages'] = [{'until_iter': 500}, {'freeze': ['backbone', 'prompts']}]
+
+
+def _pixel_weighting_typo(o):
+    o['train']['pixel_weighting'] = 'input_err'
+
+
+def _pixel_weighting_true(o):
+    o['train']['pixel_weighting'] = True
+
+
+def _negative_floor(o):
+    o['train']['pixel_weight_floor'] = -1
+
+
+def _nan_power(o):
+    o['train']['pixel_weight_power'] = float('nan')
+
+
 OPTION_CASES = [
     (_lr, "train.optim_g.lr: found the string '1e-3', expected a number > 0 (YAML 1.1 reads an exponent without a "
           "decimal point as a string: write `!!float 1e-3`)."),
@@ -481,6 +511,18 @@ OPTION_CASES = [
     (_stages_out_of_order, 'train.stages[1].until_iter: must be an integer >= 501 (stages run in order, each until '
                            'its until_iter), got 400'),
     (_stage_task_typo, "train.stages[0].tasks: 'derian' is not a task of datasets.train (its tasks: ['clean', "),
+    (_freeze_typo, "train.freeze: 'backbon' matches no parameter of DATPRLRestormer; use 'backbone', 'prompts' or a "
+                   "parameter-name prefix such as 'patch_embed'."),
+    (_stage_freeze_typo, "train.stages[0].freeze: 'nonexistent_prefix' matches no parameter of DATPRLRestormer"),
+    (_stage_freezes_everything, "train.stages[1].freeze: stage 2 (iters 501-2300), freezing ['backbone', 'prompts'] "
+                                'leaves no trainable parameter of DATPRLRestormer (all 228 tensors frozen, nothing '
+                                'would train); unfreeze a part.'),
+    (_pixel_weighting_typo, "train.pixel_weighting: found the string 'input_err' (did you mean `input_error`?), "
+                            'expected one of none, input_error, output_error.'),
+    (_pixel_weighting_true, 'train.pixel_weighting: found bool True, expected one of none, input_error, '
+                            'output_error.'),
+    (_negative_floor, 'train.pixel_weight_floor: found int -1, expected a number > 0.'),
+    (_nan_power, 'train.pixel_weight_power: found float nan, expected a number > 0.'),
 ]
 
 
@@ -493,6 +535,53 @@ def test_bad_options_are_named_with_file_key_found_and_expected(mutate, expected
         validate(opt, is_train=True, option_file='base.yml')
     assert str(err.value).startswith('base.yml: 1 problem(s) in the option file (nothing was run):\n  - ')
     assert expected in str(err.value)
+
+
+def _bad_tap(o):
+    o['network_g']['taps']['task'] = 'body.99'
+
+
+def _prompt_type_typo(o):
+    o['network_g']['prompt']['type'] = 'DualPooll'
+
+
+BACKBONE_CASES = [
+    (_bad_tap, "network_g.taps.task: 'body.99' names no module that runs in the forward; usable modules: "
+               'conv_first, body.0, '),
+    (_prompt_type_typo, "network_g.prompt.type: found the string 'DualPooll' (did you mean `DualPool`?), expected "
+                        'one of DualPool, DistributionPrompt, '),
+]
+
+
+@pytest.mark.parametrize('mutate, expected', BACKBONE_CASES, ids=[c[0].__name__ for c in BACKBONE_CASES])
+def test_bad_backbone_options_are_named_before_anything_runs(mutate, expected):
+    opt = load_option_file(EDSR_FILE)
+    validate(opt, is_train=True, option_file='edsr.yml')
+    mutate(opt)
+    with pytest.raises(OptionFileError) as err:
+        validate(opt, is_train=True, option_file='edsr.yml')
+    assert str(err.value).startswith('edsr.yml: 1 problem(s) in the option file (nothing was run):\n  - ')
+    assert expected in str(err.value)
+
+
+def test_network_problems_end_the_runner_with_one_message_before_any_data_is_read(tmp_path):
+    """The runner's output for every problem that needs the network (freeze lists, a stage freezing everything) and
+    the pixel weighting, all at once; the datasets (absent here) are never reached."""
+    opt = load_option_file(TRAIN_FILE)
+    for mutate in (_freeze_typo, _stage_freezes_everything, _pixel_weighting_typo, _negative_floor, _nan_power):
+        mutate(opt)
+    path = tmp_path / 'bad.yml'
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(opt)), sort_keys=False))
+    done = subprocess.run([sys.executable, '-m', 'datprl_arch.train', '-opt', str(path)], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.startswith(f'datprl-train: error: {path}: 5 problem(s) in the option file (nothing was run):')
+    for text in ("train.freeze: 'backbon' matches no parameter", 'train.stages[1].freeze: stage 2 (iters 501-2300), '
+                 "freezing ['backbone', 'prompts'] with train.freeze ['backbon'] leaves no trainable parameter",
+                 "train.pixel_weighting: found the string 'input_err'", 'train.pixel_weight_floor: found int -1',
+                 'train.pixel_weight_power: found float nan'):
+        assert text in done.stderr
+    assert os.listdir(tmp_path) == ['bad.yml']
 
 
 def test_problems_are_reported_together_and_by_basicsr_pipeline_before_anything_runs(tmp_path, monkeypatch):

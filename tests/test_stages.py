@@ -12,6 +12,7 @@ from basicsr.data import build_dataset
 from basicsr.models import build_model
 from datprl_arch.data.sampling import BalancedSchedule
 from datprl_arch.models.stages import Stage, parse_stages, stage_at
+from datprl_arch.options import OptionFileError
 
 from test_training import SOURCES, _model_opt, data, finish, options, train, write  # noqa: F401
 
@@ -102,6 +103,19 @@ def test_a_stage_task_that_the_training_set_lacks_is_an_error(tmp_path, data):  
     with pytest.raises(ValueError, match=r"train.stages: task 'dehaze' is not a task of the training set"):
         _staged_model(data, tmp_path, wrapped({'type': 'AdaptivePrompt', 'width': 8}),
                       stages=[{'until_iter': 2, 'tasks': ['dehaze']}, {}])
+
+
+def test_freezing_everything_or_nothing_found_is_an_option_error_at_model_build(tmp_path, data):  # noqa: F811
+    """The option check refuses these before any data is read (test_reliability); built without it (BasicSR's API),
+    the model still ends with an option error naming the key, never with autograd's 'does not require grad'."""
+    network = wrapped({'type': 'AdaptivePrompt', 'width': 8})
+    with pytest.raises(OptionFileError, match=r"train.stages\[1\].freeze: stage 2 \(iters 3-6\), freezing "
+                                              r"\['backbone', 'prompts'\] leaves no trainable parameter of "
+                                              r'PromptedBackbone \(all \d+ tensors frozen, nothing would train\)'):
+        _staged_model(data, tmp_path, network, stages=[{'until_iter': 2}, {'freeze': ['backbone', 'prompts']}],
+                      total_iter=6)
+    with pytest.raises(OptionFileError, match=r"train.freeze: 'backbon' matches no parameter of PromptedBackbone"):
+        _staged_model(data, tmp_path, network, freeze=['backbon'])
 
 
 def test_resuming_enters_the_saved_stage_before_loading_its_optimizer(tmp_path, data):  # noqa: F811

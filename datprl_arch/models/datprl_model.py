@@ -42,13 +42,14 @@ from ..data.multidomain_dataset import training_set
 from ..errors import DatprlError
 from ..evaluation.metrics import metric_bits_note, parse_metric_bits, score
 from ..losses.pixel_weighting import DEFAULT_FLOOR, PIXEL_WEIGHTINGS, error_weights
+from ..options import OptionFileError
 from ..utils.atomic import atomic_torch_save
 from ..utils.checkpoint import NETWORK_KEY, STAGES_KEY, load_checkpoint, plain_options
 from ..utils.network_probe import output_problem, probe_channels
 from ..utils.precision import AMP_DTYPES, amp_problem, autocast, memory_format
 from ..utils.registry import register
 from .analysis import PromptAnalysis
-from .optim import build_optimizer, build_scheduler, parameter_groups, resolve_parts
+from .optim import build_optimizer, build_scheduler, check_trainable, parameter_groups, resolve_parts
 from .prompt_objectives import OBJECTIVE_KEYS, PromptObjectives
 from .reporting import ValidationReport, write_result_image
 from .stages import Stage, parse_stages, stage_at
@@ -111,7 +112,9 @@ class DATPRLModel(SRModel):
         if self.memory_format != torch.contiguous_format:
             get_root_logger().info(f'{type(net).__name__} and its inputs in the channels_last memory format.')
         if self.opt['is_train'] and self.opt.get('train'):
-            frozen = dead_parameter_names(net) | resolve_parts(net, self.opt['train'].get('freeze') or ())
+            parts = self.opt['train'].get('freeze') or ()
+            frozen = dead_parameter_names(net) | resolve_parts(net, parts)
+            check_trainable(net, frozen, 'train.freeze', f'freezing {list(parts)}')
             self._base_frozen = frozen  # what every training stage freezes
             for name, param in net.named_parameters():
                 if name in frozen:
@@ -147,8 +150,9 @@ class DATPRLModel(SRModel):
         self.cri_fft = build_loss(dict(train_opt['fft_opt'])).to(self.device) if train_opt.get('fft_opt') else None
         self.grad_clip = train_opt.get('grad_clip')
         self.pixel_weighting = train_opt.get('pixel_weighting') or 'none'
-        if self.pixel_weighting not in PIXEL_WEIGHTINGS:
-            raise ValueError(f'train.pixel_weighting must be one of {PIXEL_WEIGHTINGS}, got {self.pixel_weighting!r}')
+        if self.pixel_weighting not in PIXEL_WEIGHTINGS:  # the option check names it first (options_schema)
+            raise OptionFileError(f'train.pixel_weighting must be one of {PIXEL_WEIGHTINGS}, got '
+                                  f'{self.pixel_weighting!r}')
         self.pixel_weight_floor = float(train_opt.get('pixel_weight_floor', DEFAULT_FLOOR))
         self.pixel_weight_power = float(train_opt.get('pixel_weight_power', 1.0))
         self.max_nonfinite = int(train_opt.get('max_nonfinite_steps', DEFAULT_MAX_NONFINITE))
@@ -218,6 +222,8 @@ class DATPRLModel(SRModel):
         self.stage_plan = []
         for stage in self.stages:
             frozen = self._frozen_in(stage)
+            check_trainable(net, frozen, f'train.stages[{stage.index}].freeze',
+                            stage.freezing(self.opt['train'].get('freeze') or ()))
             trainable = sum(p.numel() for n, p in net.named_parameters() if n not in frozen)
             self.stage_plan.append({'stage': stage.index + 1, 'first_iter': stage.first_iter,
                                     'until_iter': stage.until_iter, 'tasks': list(stage.tasks or ()),

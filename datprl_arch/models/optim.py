@@ -15,6 +15,7 @@ from torch.optim import lr_scheduler as torch_schedulers
 from basicsr.models import lr_scheduler as basicsr_schedulers
 
 from ..archs.prompt import prompt_parameter_names
+from ..options import OptionFileError
 
 OPTIMIZERS = {name: getattr(torch.optim, name) for name in
               ('Adam', 'AdamW', 'Adamax', 'SGD', 'ASGD', 'RMSprop', 'Rprop', 'NAdam', 'RAdam', 'Adagrad')}
@@ -77,7 +78,8 @@ def build_scheduler(options: dict, optimizer: torch.optim.Optimizer):
 
 def resolve_parts(net: nn.Module, parts: Iterable[str], where: str = 'train.freeze') -> set[str]:
     """Parameter names of ``parts``: ``backbone``, ``prompts`` (the whole prompt system), or name prefixes such as
-    ``degradation_prompt_pool`` or ``decoder_level1``. A part that matches nothing is an error."""
+    ``degradation_prompt_pool`` or ``decoder_level1``. A part that matches nothing is an ``OptionFileError`` naming
+    ``where`` (the option check finds it before anything runs: ``options_schema``)."""
     names = [n for n, _ in net.named_parameters()]
     prompt_names = prompt_parameter_names(net)
     selected = set()
@@ -89,10 +91,20 @@ def resolve_parts(net: nn.Module, parts: Iterable[str], where: str = 'train.free
         else:
             match = {n for n in names if n == part or n.startswith(part.rstrip('.') + '.')}
         if not match:
-            raise ValueError(f"{where}: '{part}' matches no parameter of {type(net).__name__}; use 'backbone', "
-                             f"'prompts' or a parameter-name prefix such as '{names[0].split('.')[0]}'")
+            raise OptionFileError(f"{where}: '{part}' matches no parameter of {type(net).__name__}; use "
+                                  f"'backbone', 'prompts' or a parameter-name prefix such as "
+                                  f"'{names[0].split('.')[0]}'")
         selected |= match
     return selected
+
+
+def check_trainable(net: nn.Module, frozen: set[str], where: str, what: str) -> None:
+    """An ``OptionFileError`` naming ``where`` when ``frozen`` (``what`` froze it, with the parameters that cannot
+    affect the output) holds every parameter of ``net``: its first step would have no gradient to take."""
+    names = [n for n, _ in net.named_parameters()]
+    if names and frozen.issuperset(names):
+        raise OptionFileError(f'{where}: {what} leaves no trainable parameter of {type(net).__name__} (all '
+                              f'{len(names)} tensors frozen, nothing would train); unfreeze a part')
 
 
 def parameter_groups(net: nn.Module, lr: float, prompt_lr: float | None) -> list[dict]:

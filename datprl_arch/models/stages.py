@@ -38,6 +38,11 @@ class Stage:
         makes one: ``DATPRLModel._enter_stage``)."""
         return self.reset_optimizer or self.lr is not None
 
+    def freezing(self, base: Sequence[str] = ()) -> str:
+        """What the stage freezes, for messages (``base``: ``train.freeze``)."""
+        also = f' with train.freeze {list(base)}' if base else ''
+        return f'stage {self.index + 1} (iters {self.first_iter}-{self.until_iter}), freezing {list(self.freeze)}{also}'
+
     def describe(self, count: int) -> str:
         tasks = ', '.join(self.tasks) if self.tasks else 'all'
         frozen = ', '.join(self.freeze) if self.freeze else 'nothing more'
