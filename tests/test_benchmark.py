@@ -261,6 +261,47 @@ def test_validation_scores_16bit_at_native_depth_and_writes_strict_json(tmp_path
     assert sum('[tiny] img000' in m and 'ssim skipped' in m for m in warnings_seen) == 2  # one per run
 
 
+@pytest.fixture
+def info_seen():
+    """Every message of BasicSR's root logger."""
+    handler, logger = ListHandler(), logging.getLogger('basicsr')
+    handler.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    yield handler.messages
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_a_validation_set_of_two_domains_is_reported_per_source(tmp_path, info_seen):
+    """A set holding a natural and a medical source: each source's metrics under its own domain and task (log and
+    metrics.json), equal to those of the source validated alone; the set's own figure is over all its images."""
+    write_pairs(str(tmp_path / 'rain'), count=2, size=(16, 16), bit_depth=8, channels=3, seed=1)
+    write_pairs(str(tmp_path / 'ct'), count=2, size=(16, 16), bit_depth=16, channels=1, seed=2)
+    sources = {'rain': _source('rain', 'natural', 'derain', tmp_path / 'rain'),
+               'ct': _source('ct', 'medical', 'ct_denoise', tmp_path / 'ct')}
+    mixed = dict(name='mixed', type='DATPRLMultiDomainDataset', phase='test', datasets=list(sources.values()))
+    opt = _test_opt(tmp_path, {'test_mixed': mixed})
+    torch.manual_seed(0)
+    model = build_model(opt)
+    model.validation(build_dataloader(build_dataset(dict(mixed)), dict(mixed), num_gpu=0), opt['name'], None, False)
+    whole = dict(model.metric_results)
+    record = json.loads(open(os.path.join(opt['path']['results_root'], 'metrics.json')).read())[opt['name']]
+    assert list(record['sets']) == ['mixed/rain', 'mixed/ct']
+    labels = [(r['domain'], r['task']) for r in record['sets'].values()]
+    assert labels == [('natural', 'derain'), ('medical', 'ct_denoise')]
+    assert set(record['domains']) == {'natural', 'medical'}
+    assert any(m.startswith('  mixed/ct (medical, ct_denoise): psnr: ') for m in info_seen)
+    alone = {}
+    for name, source in sources.items():
+        single = dict(name=name, type='DATPRLMultiDomainDataset', phase='test', datasets=[source])
+        model.validation(build_dataloader(build_dataset(dict(single)), dict(single), num_gpu=0), 'x', None, False)
+        alone[name] = model.metric_results['psnr']
+        assert record['sets'][f'mixed/{name}']['psnr'] == pytest.approx(alone[name], rel=1e-12)
+    assert whole['psnr'] == pytest.approx((alone['rain'] + alone['ct']) / 2)  # two images each
+
+
 def test_unknown_metric_bits_is_an_error_before_the_network_is_built(tmp_path):
     with pytest.raises(ValueError, match=r"val.metric_bits: 'sixteen' is not valid; use one of \['native', '8'\]"):
         build_model(_test_opt(tmp_path, {}, 'sixteen'))

@@ -51,7 +51,7 @@ from ..utils.registry import register
 from .analysis import PromptAnalysis
 from .optim import build_optimizer, build_scheduler, check_trainable, parameter_groups, resolve_parts
 from .prompt_objectives import OBJECTIVE_KEYS, PromptObjectives
-from .reporting import ValidationReport, write_result_image
+from .reporting import SetScores, ValidationReport, source_lines, write_result_image
 from .stages import Stage, parse_stages, stage_at
 
 BACKBONE_PATH_KEY = 'pretrain_network_backbone'
@@ -551,24 +551,23 @@ class DATPRLModel(SRModel):
         """Metrics of one validation/test set; after the last set of a round, averages over all sets and per
         domain (and the prompt analysis, when due). 16-bit sets are scored at their native depth unless
         ``val.metric_bits: 8``; an image whose metric is not finite (SSIM under 11 px) is left out of that
-        metric's mean, with a warning. Images are written under ``visualization/<set>/`` in the input's bit depth
-        and channels."""
+        metric's mean, with a warning. A set of several sources is reported per source, each under its own domain
+        and task (:class:`~.reporting.SetScores`). Images are written under ``visualization/<set>/`` in the input's
+        bit depth and channels."""
         if self.opt['is_train']:  # BasicSR's loop ends past total_iter (one step per remaining epoch): the
             current_iter = min(current_iter, self.opt['train']['total_iter'])  # final validation is of total_iter
         dataset_name = dataloader.dataset.opt['name']
         metric_opts = self.opt['val'].get('metrics') or {}
         self._log_metric_bits()
-        sums, counts = {name: 0.0 for name in metric_opts}, {name: 0 for name in metric_opts}
+        scores = SetScores(dataset_name, dataloader.dataset.opt)  # per source: a set may mix domains and tasks
         analysis = self._analysis_for(current_iter)
-        domain, task = dataloader.dataset.opt.get('domain'), dataloader.dataset.opt.get('task')
         for val_data in dataloader:
             self.feed_data(val_data)
             self.test()
-            domain = domain or (val_data['domain_name'][0] if 'domain_name' in val_data else None)
-            task = task or (val_data['task_name'][0] if 'task_name' in val_data else None)
+            label = scores.label(val_data)
             if analysis is not None and getattr(self._tested_net(), 'prompt_state', None) is not None:
                 analysis.collect(self._tested_net().prompt_state,
-                                 {'task': task or dataset_name, 'domain': domain or 'all', 'source': dataset_name})
+                                 {'task': label.task, 'domain': label.domain, 'source': dataset_name})
             result = self.output.detach().cpu()
             img_name = osp.splitext(osp.basename(val_data['lq_path'][0]))[0]
             if hasattr(self, 'gt'):
@@ -579,25 +578,24 @@ class DATPRLModel(SRModel):
             else:  # no-reference metrics (e.g. NIQE) on BasicSR's 8-bit image
                 values = {name: calculate_metric({'img': tensor2img([result])}, dict(opt_))
                           for name, opt_ in metric_opts.items()}
-            for name, value in values.items():
-                if value is not None:
-                    sums[name] += value
-                    counts[name] += 1
+            scores.add(label, values)
             if save_img:
                 tag = self.opt['val'].get('suffix') or (current_iter if self.opt['is_train'] else self.opt['name'])
                 path = osp.join(self.opt['path']['visualization'], dataset_name, f'{img_name}_{tag}.png')
                 write_result_image(path, result[0], val_data)
             del self.lq, self.output
-        self.metric_results = {name: sums[name] / counts[name] for name in metric_opts if counts[name]}
+        self.metric_results = scores.means()
+        logger = get_root_logger()
         if metric_opts:
             self._initialize_best_metric_results(dataset_name)
             for name, value in self.metric_results.items():
                 self._update_best_metric_result(dataset_name, name, value, current_iter)
             self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
-        summary = self._report().add(current_iter, dataset_name, domain or 'all', self.metric_results, task)
+            for line in source_lines(scores):
+                logger.info(line)
+        summary = self._report().add_set(current_iter, dataset_name, scores.entries())
         if summary is None:
             return
-        logger = get_root_logger()
         if metric_opts:
             logger.info(summary)
             if tb_logger:
