@@ -11,7 +11,9 @@ the one it replaced as ``.basicsr_original``. Problem numbers refer to docs/comp
 - P4  py-lmdb >= 2 refuses a second open of one LMDB in a process (shared GT LMDBs, val = train): FileClient's
   ``lmdb`` backend shares one environment per (process, LMDB).
 - P19 and option safety: ``parse_options`` of ``basicsr.train`` / ``basicsr.test`` reads option files with a safe
-  loader and checks ``num_gpu`` and ``use_tb_logger`` against the machine (``datprl_arch.options``).
+  loader and checks ``num_gpu``, ``use_tb_logger`` and the output folder against the machine
+  (``datprl_arch.options``); ``mkdir_and_rename`` names a folder it cannot create or move aside
+  (``datprl_arch.utils.folders``) instead of a raw ``OSError``.
 - P12 distributed training assumes CUDA: ``init_dist`` (as ``parse_options`` calls it) picks nccl or gloo and works
   on CPU for torchrun and slurm, with a process-group timeout long enough for rank-0 validation
   (``dist_params.timeout``); ``BaseModel.model_to_device`` wraps CPU networks in DDP without ``device_ids``.
@@ -187,12 +189,16 @@ def _patch_lmdb_backend() -> None:
 def _patch_option_parsing() -> None:
     import basicsr.test
     import basicsr.train
+    from basicsr.utils import misc
     from basicsr.utils import options as basicsr_options
 
     from . import options
+    from .utils import folders
     _install(vars(basicsr_options), 'ordered_yaml', options.ordered_yaml)
     _install(vars(basicsr.train), 'parse_options', options.parse_options)
     _install(vars(basicsr.test), 'parse_options', options.parse_options)
+    for namespace in (vars(misc), vars(basicsr.train)):  # make_exp_dirs' and the tb_logger folder's
+        _install(namespace, 'mkdir_and_rename', folders.mkdir_and_rename)
 
 
 # P12: distributed training on CUDA (nccl) and on the CPU (gloo) --------------------------------------------------

@@ -5,8 +5,8 @@
                                     [--amp bf16|fp16] [--threads N] [--quiet]
 
 Writes ``results/<name>/report.md``, ``report.csv``, ``report.json`` and ``samples.png`` under the current directory
-and prints the table (input, restored and gain per set, per domain, overall). See
-:func:`datprl_arch.evaluation.runner.run_benchmark`.
+(an existing ``results/<name>/`` is first moved to ``results/<name>_archived_<time>``) and prints the table (input,
+restored and gain per set, per domain, overall). See :func:`datprl_arch.evaluation.runner.run_benchmark`.
 """
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ def print_summary(report: dict) -> None:
     sys.stdout.write(console_table(report) + '\n')
     sys.stdout.write(f"Report: {report['files']['report_md']} (also .csv, .json)\n"
                      f"Samples: {report['files']['samples_png']}\n")
+    if report.get('archived'):
+        sys.stdout.write(f"Earlier results of this name: moved to {report['archived']}\n")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -102,7 +102,8 @@ def ordered_yaml():
 def parse_options(root_path: str, is_train: bool = True):
     """BasicSR's ``parse_options`` (same command line, same ``(opt, args)``) with the whole option file validated
     first (``datprl_arch.options_schema``: every problem named at once, before anything is built or written; again
-    after ``--force_yml`` changed it) and ``num_gpu`` / ``use_tb_logger`` checked against this machine."""
+    after ``--force_yml`` changed it), ``num_gpu`` / ``use_tb_logger`` checked against this machine, and the output
+    folder checked for writing."""
     from .options_schema import validate
 
     path = _option_file_argument()
@@ -115,7 +116,22 @@ def parse_options(root_path: str, is_train: bool = True):
     check_num_gpu(opt, args.opt)
     if is_train:
         check_tensorboard(opt, args.opt)
+    check_output_folder(opt, is_train)
     return opt, args
+
+
+def check_output_folder(opt: dict, is_train: bool) -> None:
+    """The run's ``experiments/<name>/`` (training) or ``results/<name>/`` (testing) can be written: checked on the
+    rank that writes there, before BasicSR creates, moves or opens anything in it (:mod:`.utils.folders`)."""
+    from .utils.folders import check_writable
+
+    if opt.get('rank', 0) != 0:
+        return
+    if is_train:
+        resuming = bool(opt.get('auto_resume') or opt['path'].get('resume_state'))
+        check_writable(opt['path']['experiments_root'], 'the experiment folder', inside=resuming)
+    else:
+        check_writable(opt['path']['results_root'], 'the results folder')
 
 
 def _option_file_argument() -> str | None:

@@ -2,6 +2,7 @@
 border), the statistics, the model's validation at native depth, and the command end to end on tiny disk and LMDB
 sets (8-bit colour, 16-bit gray) with two checkpoints of different networks."""
 import csv
+import errno
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from datprl_arch.evaluation import samples as samples_module
 from datprl_arch.evaluation.aggregate import aggregates, summarize_set, t_quantile_975
 from datprl_arch.evaluation.metrics import EIGHT_BIT, NATIVE, score, upsample_to
 from datprl_arch.evaluation.runner import BenchmarkError, run_benchmark
-from datprl_arch.utils import precision
+from datprl_arch.utils import folders, precision
 from datprl_arch.utils.atomic import atomic_write_json
 
 from networks import SMALL_PROMPTS
@@ -585,3 +586,65 @@ def test_task_prompts_restore_each_set_under_its_labels_prompt(bench_data, tmp_p
                                              'prompt pools has no prompt per task'):
         run_benchmark(option, [str(bench_data / 'tuned.pth')], name='x', quiet=True, root=str(tmp_path),
                       task_prompts=True)
+
+
+def test_a_rerun_archives_the_earlier_results_never_replacing_them(bench_data, tmp_path, monkeypatch, capsys):
+    """As BasicSR's train/test: an existing results/<name>/ is moved to <name>_archived_<time> first, so a failing
+    rerun leaves the earlier report with its log."""
+    monkeypatch.chdir(tmp_path)
+    option, ckpt = str(bench_data / 'bench.yml'), str(bench_data / 'plain.pth')
+    results, reports = tmp_path / 'results' / 'bench_tiny', ('report.json', 'report.md', 'report.csv', 'samples.png')
+    assert run_benchmark(option, [ckpt], quiet=True, device='cpu')['archived'] is None
+    first = {n: (results / n).read_bytes() for n in reports}
+    benchmark_main(['-opt', option, '--ckpt', ckpt, '--quiet', '--device', 'cpu'])
+
+    def archives():
+        return sorted(p for p in (tmp_path / 'results').iterdir() if p.name != 'bench_tiny')
+
+    assert [re.fullmatch(r'bench_tiny_archived_\d{8}_\d{6}', p.name) is not None for p in archives()] == [True]
+    assert {n: (archives()[0] / n).read_bytes() for n in reports} == first
+    assert f'Earlier results of this name: moved to {archives()[0]}' in capsys.readouterr().out
+    assert set(reports) <= set(os.listdir(results))  # the rerun wrote a whole report of its own
+    second = {n: (results / n).read_bytes() for n in reports}
+
+    broken = yaml.safe_load((bench_data / 'bench.yml').read_text())
+    broken['datasets'] = {}
+    (tmp_path / 'nosets.yml').write_text(yaml.safe_dump(broken))
+    with pytest.raises(SystemExit) as failed:
+        benchmark_main(['-opt', str(tmp_path / 'nosets.yml'), '--ckpt', ckpt, '--quiet', '--device', 'cpu'])
+    assert failed.value.code.startswith('datprl-benchmark: error: ') and 'no datasets' in failed.value.code
+    assert len(archives()) == 2 and {n: (archives()[1] / n).read_bytes() for n in reports} == second
+    assert not set(reports) & set(os.listdir(results))  # the failed run's folder holds its log only
+
+
+def busy(src, dst):
+    """``os.rename`` of a folder that is itself a read-only mount (``unshare -m``, ``mount --bind -o ro``)."""
+    raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), src, dst)
+
+
+def test_a_results_folder_that_cannot_be_written_is_named_without_a_traceback(bench_data, tmp_path, monkeypatch,
+                                                                              capsys):
+    """results/ on a read-only mount (tests run as root: its answer is simulated), and results/<name>/ itself a
+    read-only mount (it cannot be moved aside): one message naming the folder, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'results' / 'bench_tiny').mkdir(parents=True)
+    args = ['-opt', str(bench_data / 'bench.yml'), '--ckpt', str(bench_data / 'plain.pth'), '--quiet']
+    results = tmp_path / 'results'
+    monkeypatch.setattr(folders, 'unwritable_reason',
+                        lambda path: 'on a read-only file system' if str(path) == str(results) else None)
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_main(args)
+    assert exit_info.value.code == (
+        f'datprl-benchmark: error: the results folder {results}/bench_tiny cannot be written: {results} is on a '
+        f'read-only file system. Run from a writable folder (outputs go under the current directory), or make '
+        f'{results} writable.')
+    monkeypatch.setattr(folders, 'unwritable_reason', lambda path: None)
+    monkeypatch.setattr(os, 'rename', busy)
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_main(args)
+    assert re.fullmatch(rf'datprl-benchmark: error: the results folder {results}/bench_tiny cannot be moved aside to '
+                        rf'{results}/bench_tiny_archived_\d{{8}}_\d{{6}} \(Device or resource busy\)\. A mount point '
+                        'or a folder in use cannot be renamed: choose another name, or move it away.',
+                        exit_info.value.code)
+    assert os.listdir(results) == ['bench_tiny'] and os.listdir(results / 'bench_tiny') == []
+    assert 'Traceback' not in capsys.readouterr().err

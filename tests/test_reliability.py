@@ -6,6 +6,7 @@ that has exited); the truncated-LMDB cases, which would end the process with SIG
 runner's clean message run in subprocesses.
 """
 import copy
+import errno
 import json
 import logging
 import os
@@ -21,7 +22,9 @@ import torch
 import yaml
 
 import datprl_arch  # noqa: F401
-from datprl_arch import _compat, train
+from datprl_arch import _compat
+from datprl_arch import test as test_runner
+from datprl_arch import train
 from basicsr.data import build_dataset
 from basicsr.models import build_model
 from basicsr.utils import get_root_logger
@@ -33,7 +36,7 @@ from datprl_arch.data.multidomain_dataset import label_warnings
 from datprl_arch.data.sources import DataSourceError
 from datprl_arch.options import OptionFileError, load_option_file
 from datprl_arch.options_schema import validate
-from datprl_arch.utils import resume
+from datprl_arch.utils import folders, resume
 from datprl_arch.utils.checkpoint import CheckpointError, load_checkpoint
 from datprl_arch.utils.network_probe import PROBE_SIZE
 
@@ -603,6 +606,61 @@ def test_problems_are_reported_together_and_by_basicsr_pipeline_before_anything_
     monkeypatch.setattr(sys, 'argv', ['datprl-train', '-opt', str(bad), '--debug'])
     with pytest.raises(OptionFileError):  # --debug: the exception (and its traceback) comes through
         train.main()
+
+
+REAL_UNWRITABLE_REASON = folders.unwritable_reason
+
+
+def read_only(monkeypatch, *folders_):
+    """Only ``folders_`` behave as read-only mounts (the tests run as root, whom permissions do not stop; a real
+    read-only bind mount gives the same answer through ``os.access``)."""
+    names = {str(f) for f in folders_}
+    monkeypatch.setattr(folders, 'unwritable_reason', lambda path: 'on a read-only file system'
+                        if os.path.abspath(path) in names else REAL_UNWRITABLE_REASON(path))
+
+
+def busy_rename(src, dst):
+    """``os.rename`` of a folder that is itself a read-only mount (``unshare -m``, ``mount --bind -o ro``)."""
+    raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), src, dst)
+
+
+def test_read_only_experiments_or_results_folder_is_named_before_anything_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    experiments, results = tmp_path / 'experiments', tmp_path / 'results'
+    experiments.mkdir()
+    results.mkdir()
+    read_only(monkeypatch, experiments, results)
+    runs = [(train.main, 'datprl-train', TRAIN_FILE, 'the experiment folder', experiments / 'datprl_md_mini'),
+            (test_runner.main, 'datprl-test', TEST_FILE, 'the results folder', results / 'datprl_md_mini_test')]
+    for main, prog, option_file, what, folder in runs:
+        monkeypatch.setattr(sys, 'argv', [prog, '-opt', option_file])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        assert exit_info.value.code == (
+            f'{prog}: error: {what} {folder} cannot be written: {folder.parent} is on a read-only file system. Run '
+            f'from a writable folder (outputs go under the current directory), or make {folder.parent} writable.')
+    assert os.listdir(experiments) == [] and os.listdir(results) == []  # nothing created, moved or read
+
+    (results / 'datprl_md_mini_test').mkdir()  # itself a read-only mount: BasicSR cannot move it aside
+    monkeypatch.setattr(folders, 'unwritable_reason', REAL_UNWRITABLE_REASON)
+    monkeypatch.setattr(os, 'rename', busy_rename)
+    monkeypatch.setattr(sys, 'argv', ['datprl-test', '-opt', TEST_FILE])
+    with pytest.raises(SystemExit) as exit_info:
+        test_runner.main()
+    assert exit_info.value.code.startswith(f'datprl-test: error: the output folder {results}/datprl_md_mini_test '
+                                           f'cannot be moved aside to {results}/datprl_md_mini_test_archived_')
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+
+    (experiments / 'datprl_md_mini').mkdir()  # --auto_resume writes into the run's own folder: that is checked
+    read_only(monkeypatch, experiments / 'datprl_md_mini')
+    monkeypatch.setattr(sys, 'argv', ['datprl-train', '-opt', TRAIN_FILE, '--auto_resume'])
+    with pytest.raises(SystemExit) as exit_info:
+        train.main()
+    assert exit_info.value.code.startswith(f'datprl-train: error: the experiment folder {experiments}/datprl_md_mini '
+                                           f'cannot be written: {experiments}/datprl_md_mini is on a read-only file '
+                                           'system.')
+    assert 'Traceback' not in capsys.readouterr().err
 
 
 def test_a_key_set_twice_is_an_error(tmp_path):

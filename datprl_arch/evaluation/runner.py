@@ -32,6 +32,7 @@ from basicsr.utils.logger import initialized_logger
 from ..data.sources import DataSourceError
 from ..options import OptionFileError, load_option_file
 from ..utils.checkpoint import STAGES_KEY, CheckpointError, file_sha256, network_options, read_checkpoint
+from ..utils.folders import archive_and_create
 from ..utils.precision import AMP_DTYPES, amp_problem, autocast
 from ..weights import RELEASE, resolve_checkpoint
 from .aggregate import aggregates, summarize_set
@@ -329,14 +330,16 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
     """Benchmark ``checkpoints`` (default: the option file's ``path.pretrain_network_g``, else the shipped release
     model; ``release`` names it, :mod:`datprl_arch.weights`) on the test sets of
     ``option_file`` against the degraded input; writes ``report.md``, ``report.csv``, ``report.json`` and
-    ``samples.png`` under ``<root>/results/<name>/`` (root: the current directory) and returns the report dict
-    (as in ``report.json``, with ``files``: the paths written). ``amp`` (bf16, fp16): the networks run under
-    autocast in that dtype, where the device supports it (:mod:`datprl_arch.utils.precision`). ``task_prompts``:
-    restore each set under its task's own prompt (the label; networks whose prompt mode has a prompt per task)
-    instead of the one the network picks. ``threads``: the CPU threads the caller set (logged and reported).
+    ``samples.png`` under ``<root>/results/<name>/`` (root: the current directory; an existing folder is first
+    moved to ``<name>_archived_<time>``, as BasicSR's runners do) and returns the report dict (as in ``report.json``,
+    with ``files``: the paths written, and ``archived``: where the earlier results went, or None). ``amp`` (bf16,
+    fp16): the networks run under autocast in that dtype, where the device supports it
+    (:mod:`datprl_arch.utils.precision`). ``task_prompts``: restore each set under its task's own prompt (the
+    label; networks whose prompt mode has a prompt per task) instead of the one the network picks. ``threads``: the
+    CPU threads the caller set (logged and reported).
 
-    Raises ``OptionFileError``, ``CheckpointError``, ``DataSourceError`` or :class:`BenchmarkError` with a message
-    naming the file for bad input."""
+    Raises ``OptionFileError``, ``CheckpointError``, ``DataSourceError``, ``OutputFolderError`` (a results folder
+    that cannot be written) or :class:`BenchmarkError` with a message naming the file for bad input."""
     opt = load_option_file(option_file)
     try:
         metric_bits = parse_metric_bits(metric_bits, '--metric-bits')
@@ -355,8 +358,10 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
         raise BenchmarkError(f'--amp {amp}: {problem}')
     amp_context = autocast(torch.device(device), AMP_DTYPES[amp] if amp else None)
     results_dir = osp.join(root or os.getcwd(), 'results', name)
-    os.makedirs(results_dir, exist_ok=True)
+    archived = archive_and_create(results_dir, 'the results folder')  # as BasicSR's runners: never in place
     logger = _init_logger(results_dir)
+    if archived:
+        logger.info(f'{results_dir} existed: the earlier results were moved to {archived}.')
     logger.info(f'Benchmark {name}: {option_file}, {len(infos)} checkpoint(s), device {device}, '
                 f'{amp or "float32"}, {threads or torch.get_num_threads()} CPU threads. '
                 f'{metric_bits_note(metric_bits)}')
@@ -395,5 +400,6 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
     files['samples_png'] = write_samples(list(samples.values()), [i.label for i in infos],
                                          osp.join(results_dir, 'samples.png'))
     report['files'] = files
+    report['archived'] = archived
     logger.info(f'Benchmark written to {results_dir}')
     return report
