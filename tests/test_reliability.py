@@ -10,6 +10,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -303,6 +304,7 @@ def _blow_up(net):
 
 
 def test_a_checkpoint_whose_network_restores_nothing_is_not_written(tmp_path, log_records):
+    torch.manual_seed(0)
     model = build_model(model_opt(tmp_path))
     good = {k: v.clone() for k, v in model.net_g.state_dict().items()}
     _blow_up(model.net_g)
@@ -312,11 +314,12 @@ def test_a_checkpoint_whose_network_restores_nothing_is_not_written(tmp_path, lo
     model.save(0, 2)
     assert not os.path.exists(tmp_path / 'exp' / 'models') and not os.path.exists(tmp_path / 'exp' / 'states')
     text = messages(log_records)
-    probe = f'its output on the [1, 3, {PROBE_SIZE}, {PROBE_SIZE}] probe input has {3 * PROBE_SIZE ** 2} ' \
-            f'non-finite value(s) of {3 * PROBE_SIZE ** 2}'
-    assert f'Not saving the checkpoint and training state of iter 1: net_g restores nothing: {probe}. The last ' \
-           'saved checkpoint stays the newest.' in text
-    assert f'Not saving the checkpoint and training state of iter 2: net_g_ema restores nothing: {probe}.' in text
+    probe = rf'its output on the \[1, 3, {PROBE_SIZE}, {PROBE_SIZE}\] probe input has \d+ non-finite value\(s\) of ' \
+            rf'{3 * PROBE_SIZE ** 2}'
+    assert re.search(rf'Not saving the checkpoint and training state of iter 1: net_g restores nothing: {probe}\. '
+                     'The last saved checkpoint stays the newest.', text)
+    assert re.search(rf'Not saving the checkpoint and training state of iter 2: net_g_ema restores nothing: {probe}\.',
+                     text)
     assert model.net_g.training and not model.net_g_ema.training  # the probe leaves the modes as they were
     model.net_g_ema.load_state_dict(good)
     model.save(0, 3)
@@ -370,6 +373,7 @@ def test_auto_resume_skips_states_whose_network_restores_nothing(tmp_path):
     exp, opt = _run_dirs(tmp_path)
     opt['network_g'] = dict(TINY_NET)
     states, models = exp / 'training_states', exp / 'models'
+    torch.manual_seed(0)
     net = PaddedRestormer(**{k: v for k, v in TINY_NET.items() if k != 'type'})
     for it in (2, 4):
         if it == 4:
