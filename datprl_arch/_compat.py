@@ -328,13 +328,16 @@ def init_dist(launcher: str, backend: str | None = None, port: int | None = None
     ``kwargs`` go to ``torch.distributed.init_process_group``; ``timeout`` (``dist_params.timeout``, seconds, also
     read from the ``-opt`` file for torchrun) defaults to ``DEFAULT_DIST_TIMEOUT_S``, see ``dist_timeout``. Like
     basicsr, the multiprocessing start method becomes ``spawn`` unless one was chosen.
+
+    ``--force_yml`` entries for ``num_gpu`` and ``dist_params`` (``backend``, ``port``, ``timeout``) apply here
+    already: basicsr applies the command line's overrides only after this call.
     """
     import torch
     import torch.multiprocessing as mp
     from torch import distributed as dist
 
+    from .options import command_line_dist_params, command_line_num_gpu, command_line_overrides
     if launcher == 'pytorch':
-        from .options import command_line_dist_params
         file_params = command_line_dist_params()
         backend = file_params.get('backend') if backend is None else backend
         kwargs.setdefault('timeout', file_params.get('timeout'))
@@ -342,10 +345,13 @@ def init_dist(launcher: str, backend: str | None = None, port: int | None = None
             _require_env(TORCHRUN_ENV, 'pytorch', 'start the processes with torchrun, e.g. '
                          '`torchrun --nproc_per_node=2 -m datprl_arch.train -opt FILE.yml --launcher pytorch`.')
     elif launcher == 'slurm':
+        forced = {keys[1]: value for keys, value in command_line_overrides().items()
+                  if len(keys) == 2 and keys[0] == 'dist_params'}  # basicsr passed the file's dist_params
+        backend, port = forced.pop('backend', backend), forced.pop('port', port)
+        kwargs.update(forced)
         _export_slurm_env(port)
     else:
         raise ValueError(f"--launcher {launcher!r}: expected 'pytorch' (torchrun) or 'slurm' (srun).")
-    from .options import command_line_num_gpu
     cpu_only = command_line_num_gpu() == 0  # num_gpu: 0 keeps the networks on the CPU, even on a GPU machine
     if cpu_only and backend in (None, 'nccl'):
         backend = 'gloo'

@@ -141,24 +141,53 @@ def _option_file_argument() -> str | None:
     return parser.parse_known_args()[0].opt
 
 
+def command_line_overrides() -> dict[tuple[str, ...], object]:
+    """The command line's ``--force_yml KEY[:KEY...]=VALUE`` entries as ``{keys: value}``, each value converted as
+    BasicSR converts it (``60`` an int, ``true`` a bool, ``~`` None); malformed entries are left to BasicSR, which
+    reports them when it applies the list (after ``init_dist``)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument('--force_yml', nargs='+', default=[])
+    overrides = {}
+    for entry in parser.parse_known_args()[0].force_yml:
+        if entry.count('=') != 1:
+            continue
+        keys, value = (part.strip() for part in entry.split('='))
+        try:
+            overrides[tuple(keys.split(':'))] = basicsr_options._postprocess_yml_value(value)
+        except (SyntaxError, NameError, TypeError, ValueError):  # a list BasicSR's eval cannot read: it says so later
+            continue
+    return overrides
+
+
 def _command_line_options() -> tuple[str | None, dict]:
-    """The ``-opt`` file on the command line and its options (``(None, {})`` without one)."""
+    """The ``-opt`` file on the command line and its options (``(None, {})`` without one), with the ``--force_yml``
+    entries for ``num_gpu`` and ``dist_params`` applied: ``init_dist`` reads these before BasicSR applies the
+    command line's overrides (basicsr utils/options.py applies ``--force_yml`` after starting the process group)."""
     path = _option_file_argument()
     if path is None or not os.path.isfile(path):
         return None, {}
-    return path, load_option_file(path)
+    opt = load_option_file(path)
+    for keys, value in command_line_overrides().items():
+        if keys == ('num_gpu',):
+            opt['num_gpu'] = value
+        elif len(keys) == 2 and keys[0] == 'dist_params' and isinstance(opt.get('dist_params') or {}, dict):
+            opt['dist_params'] = dict(opt.get('dist_params') or {}, **{keys[1]: value})
+    return path, opt
 
 
 def command_line_num_gpu():
-    """``num_gpu`` of the ``-opt`` file on the command line, or None: ``init_dist`` runs before BasicSR reads it."""
+    """``num_gpu`` of the command line (``--force_yml num_gpu=N``, else the ``-opt`` file's), or None:
+    ``init_dist`` runs before BasicSR reads it."""
     return _command_line_options()[1].get('num_gpu')
 
 
 def command_line_dist_params() -> dict:
-    """``dist_params`` of the ``-opt`` file on the command line (``{}`` without a file or the key).
+    """``dist_params`` of the ``-opt`` file on the command line with its ``--force_yml dist_params:KEY=VALUE``
+    entries applied (``{}`` without a file or the key).
 
-    basicsr's ``parse_options`` hands ``dist_params`` to ``init_dist`` only for ``--launcher slurm``; the
-    replacement ``init_dist`` asks here so that torchrun runs honour ``backend`` and ``timeout`` too."""
+    basicsr's ``parse_options`` hands the file's ``dist_params`` to ``init_dist`` only for ``--launcher slurm``,
+    and applies ``--force_yml`` only afterwards; the replacement ``init_dist`` asks here so that torchrun runs honour
+    ``backend`` and ``timeout`` too, and both launchers the command line's overrides."""
     path, opt = _command_line_options()
     if path is None:
         return {}
