@@ -1,0 +1,259 @@
+"""Detection heads, calibration, ``datprl-restore --explain`` / ``--guard`` and the benchmark's detection report: a
+toy network whose pool queries are linear in simple image statistics (separable prompts) on toy sets of three
+domains (tints) and three tasks (clean, noise, stripes)."""
+import hashlib
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from basicsr.archs import build_network
+from basicsr.utils.registry import ARCH_REGISTRY
+from datprl_arch.archs.prompt import PoolSpec, PromptConfig, PromptSystem
+from datprl_arch.evaluation.detection import DetectionTally, expected_calibration_error
+from datprl_arch.inference.calibration import UNSURE_CEILING, calibrate, fit_temperature, fold_indices
+from datprl_arch.inference.detection import HEAD_KEY, DetectionError, DetectionHead, read_head, save_with_head
+from datprl_arch.utils.checkpoint import METADATA_KEY, NETWORK_KEY, read_checkpoint, save_safetensors
+from datprl_arch.utils.registry import register
+
+from networks import TINY
+
+TINTS = {'natural': (0.3, 0.5, 0.9), 'medical': (0.35, 0.35, 0.35), 'remote_sensing': (0.8, 0.6, 0.2)}  # BGR
+TASKS = ('clean', 'denoise', 'derain')
+TOY = {'type': 'SeparableToy'}
+SIDE = 24
+NOISE_STD = 0.25
+STRIPE_PERIOD = 3
+
+
+@register(ARCH_REGISTRY)
+class SeparableToy(PromptSystem):
+    """A prompted toy network whose domain query is linear in the image's mean colour and whose task query is
+    linear in its mean horizontal and vertical gradient magnitudes: the prompts separate the toy sets' labels."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.build_prompt_system({'domain': 4, 'task': 4}, PromptConfig(PoolSpec(4, dim, 2), PoolSpec(3, dim, 2), 1,
+                                                                        'concat'))
+        self.domain_mapper = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, dim))
+        self.degradation_mapper = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, dim))
+
+    def forward(self, x):
+        dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean(1, keepdim=True)[..., :-1, :]
+        dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean(1, keepdim=True)[..., :, :-1]
+        prompt = self.block_prompt({'domain': x, 'task': torch.cat([dx, dy], 1)})
+        return x + 0.1 * torch.tanh(self.conv(x)) * prompt.mean(1)[:, None, None, None]
+
+
+def toy_image(domain, task, rng, side=SIDE):
+    """GT and LQ float ``(H, W, 3)`` BGR in [0, 1]: a smooth tinted image and its noisy / striped / clean copy."""
+    coarse = rng.random((3, 3)).astype(np.float32)
+    base = cv2.resize(coarse, (side, side), interpolation=cv2.INTER_LINEAR)[..., None]
+    gt = np.clip(0.5 * base + 0.7 * np.array(TINTS[domain]), 0, 1)
+    lq = gt.copy()
+    if task == 'denoise':
+        lq = np.clip(gt + rng.normal(0, NOISE_STD, gt.shape), 0, 1)
+    elif task == 'derain':
+        lq[:, ::STRIPE_PERIOD] = 1.0
+    return gt, lq
+
+
+def to8(img):
+    return (img * 255).round().astype(np.uint8)
+
+
+def write_split(root, split, count, seed):
+    """Toy sets of every domain and task under ``root/split``; returns the option file."""
+    rng = np.random.default_rng(seed)
+    datasets = {}
+    for domain in TINTS:
+        for task in TASKS:
+            name = f'{domain}_{task}'
+            folder = root / split / name
+            for sub in ('gt', 'lq'):
+                (folder / sub).mkdir(parents=True)
+            for i in range(count):
+                gt, lq = toy_image(domain, task, rng)
+                cv2.imwrite(str(folder / 'gt' / f'{i:02d}.png'), to8(gt))
+                cv2.imwrite(str(folder / 'lq' / f'{i:02d}.png'), to8(lq))
+            datasets[f'{split}_{name}'] = dict(name=name, type='DATPRLMultiDomainDataset', datasets=[dict(
+                name=name, domain=domain, task=task, dataroot_gt=str(folder / 'gt'), dataroot_lq=str(folder / 'lq'),
+                io_backend={'type': 'disk'})])
+    option = dict(name=f'toy_{split}', model_type='MultiModalSRv3Model', scale=1, num_gpu=0, manual_seed=0,
+                  datasets=datasets, network_g=dict(TOY),
+                  val={'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 0},
+                                   'ssim': {'type': 'calculate_ssim', 'crop_border': 0}}})
+    path = root / f'{split}.yml'
+    path.write_text(yaml.safe_dump(option, sort_keys=False))
+    return str(path)
+
+
+def sha(path):
+    return hashlib.sha256(open(path, 'rb').read()).hexdigest()
+
+
+@pytest.fixture(scope='module')
+def toy(tmp_path_factory):
+    """Validation and test option files, the toy checkpoint and its calibrated copy (and what calibrate returned)."""
+    root = tmp_path_factory.mktemp('toy')
+    val, test = write_split(root, 'val', 6, 0), write_split(root, 'test', 3, 1)
+    torch.manual_seed(0)
+    ckpt = str(root / 'toy.pth')
+    torch.save({'params': build_network(dict(TOY)).state_dict(), 'network_g': dict(TOY)}, ckpt)
+    before = sha(ckpt)
+    result = calibrate(ckpt, val, str(root / 'toy_head.pth'), device='cpu', tests=(test,))
+    assert sha(ckpt) == before  # the input checkpoint is never modified
+    return {'root': root, 'val': val, 'test': test, 'ckpt': ckpt, 'calibrated': str(root / 'toy_head.pth'),
+            'result': result}
+
+
+# ------------------------------------------------------------------------------------------------ fitting
+def test_calibration_on_separable_prompts_reaches_the_known_labels(toy):
+    result = toy['result']
+    for kind in ('domain', 'task'):
+        assert result['validation']['overall'][kind]['accuracy'] == 1.0  # out of fold
+        test = result['tests'][toy['test']]
+        assert test['overall'][kind]['accuracy'] == 1.0 and test['overall'][kind]['images'] == 27
+        assert test['overall'][kind]['ece'] < 0.1
+        assert all(figures[kind]['accuracy'] == 1.0 for figures in test['sets'].values())
+    head = result['head']
+    assert head.classes('domain') == list(TINTS) and head.classes('task') == list(TASKS)
+    assert head.kind == 'pools' and head.mean.numel() == 8 + 4 + 8 + 3  # queries and similarities of both pools
+    assert 0 < head.guard.min_confidence <= UNSURE_CEILING
+    assert set(head.guard.change_db) == set(TASKS)
+    assert all(low < high for low, high in head.guard.change_db.values())
+    assert head.fit['images'] == 54 and head.fit['option_file'] == os.path.abspath(toy['val'])
+
+
+def test_fit_temperature_recovers_a_known_temperature():
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(4000, 4, dtype=torch.float64)
+    labels = torch.multinomial((logits / 2.5).softmax(-1), 1)[:, 0]  # drawn at temperature 2.5
+    assert fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.1)
+
+
+def test_folds_deal_every_set_evenly():
+    folds = fold_indices(['a'] * 7 + ['b'] * 3, folds=5)
+    assert folds.tolist() == [0, 1, 2, 3, 4, 0, 1, 0, 1, 2]
+
+
+def test_expected_calibration_error_by_hand():
+    probabilities = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
+    labels = np.array([0, 1, 0, 1])
+    # bin 0.9: accuracy 1/2 vs 0.9 (2 images); bin 0.6: 1 vs 0.6; bin 0.7: 1 vs 0.7
+    assert expected_calibration_error(probabilities, labels) == pytest.approx((2 * 0.4 + 0.4 + 0.3) / 4)
+    unknown = np.array([-1, -1, -1, -1])  # labels the head does not know: always wrong, ECE = mean confidence
+    assert expected_calibration_error(probabilities, unknown) == pytest.approx(0.775)
+
+
+def test_tally_counts_unknown_labels_as_wrong_and_builds_the_confusion():
+    tally = DetectionTally({'task': ['a', 'b']})
+    tally.add('s1', {'task': 'a'}, {'task': [0.8, 0.2]})
+    tally.add('s1', {'task': 'b'}, {'task': [0.8, 0.2]})
+    tally.add('s2', {'task': 'c'}, {'task': [0.1, 0.9]})
+    summary = tally.summary()
+    assert summary['sets']['s1']['task']['accuracy'] == 0.5 and summary['sets']['s2']['task']['accuracy'] == 0
+    confusion = summary['overall']['task']['confusion']
+    assert confusion['rows'] == ['a', 'b', 'c'] and confusion['counts'] == [[1, 0], [1, 0], [0, 1]]
+    assert summary['unknown']['task'] == ['c']
+
+
+@pytest.mark.parametrize('config', [
+    TINY, {k: v for k, v in dict(TINY, type='DATPRLRestormerTaskPool').items() if not k.startswith('domain_')},
+    dict(type='PromptedBackbone', backbone=dict(type='EDSR', num_in_ch=3, num_out_ch=3, num_feat=8, num_block=2,
+                                                upscale=1),
+         taps={'domain': 'conv_first', 'task': 'body.0'}, inject_after=['body.1'], probe_size=16,
+         prompt={'task_pool': {'size': 4, 'dim': 8, 'top_k': 2}, 'domain_pool': {'size': 3, 'dim': 8, 'top_k': 2}}),
+], ids=['dual_pools', 'task_pool', 'prompted_backbone'])
+def test_every_pool_network_gets_a_head(toy, config):
+    torch.manual_seed(0)
+    net = build_network(dict(config))
+    pools = 2 if config['type'] != 'DATPRLRestormerTaskPool' else 1
+    ckpt = toy['root'] / f"{config['type']}.pth"
+    torch.save({'params': net.state_dict(), 'network_g': dict(config)}, ckpt)
+    result = calibrate(str(ckpt), toy['val'], str(ckpt).replace('.pth', '_head.pth'), device='cpu')
+    head = result['head']
+    widths = [p.prompt_keys.shape for p in net.prompt_pools().values()]
+    assert len(widths) == pools and head.mean.numel() == sum(d + p for p, d in widths)
+    assert head.classes('domain') == list(TINTS) and head.classes('task') == list(TASKS)
+    assert result['validation']['overall']['domain']['accuracy'] > 0.5  # a random network still tells tints apart
+
+
+EXPLICIT = dict(type='PromptedBackbone', backbone=dict(type='EDSR', num_in_ch=3, num_out_ch=3, num_feat=8,
+                                                       num_block=2, upscale=1),
+                taps={}, inject_after=['body.1'], probe_size=16,
+                prompt={'type': 'ExplicitPrompt', 'tasks': list(TASKS), 'width': 8})
+
+
+def test_label_modes_use_their_own_classifier(toy):
+    torch.manual_seed(0)
+    net = build_network(dict(EXPLICIT)).eval()
+    ckpt = toy['root'] / 'explicit.pth'
+    torch.save({'params': net.state_dict(), 'network_g': dict(EXPLICIT)}, ckpt)
+    head = calibrate(str(ckpt), toy['val'], str(toy['root'] / 'explicit_head.pth'), device='cpu')['head']
+    assert head.kind == 'classifier' and head.heads['domain'] is None and head.classes('task') == list(TASKS)
+    image = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        net.compute_prompt(image)
+        logits = net.prompt_state.task_logits
+    expected = (logits.double() / head.heads['task'].temperature).softmax(-1)
+    assert torch.allclose(head.predict(logits)['task'], expected)
+
+
+def test_a_network_without_prompts_is_refused(toy):
+    plain = dict(type='Restormer', dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1)
+    torch.save({'params': build_network(dict(plain)).state_dict(), 'network_g': plain}, toy['root'] / 'plain.pth')
+    with pytest.raises(DetectionError, match='has no prompt system'):
+        calibrate(str(toy['root'] / 'plain.pth'), toy['val'], str(toy['root'] / 'plain_head.pth'), device='cpu')
+
+
+# ------------------------------------------------------------------------------------------------ storage
+def assert_same_head(a: DetectionHead, b: DetectionHead):
+    assert a.to_dict() == b.to_dict()
+    features = torch.randn(5, a.mean.numel())
+    for kind, p in a.predict(features).items():
+        assert torch.equal(p, b.predict(features)[kind])
+
+
+def test_the_head_survives_a_pth_round_trip(toy):
+    stored, original = read_checkpoint(toy['calibrated']), read_checkpoint(toy['ckpt'])
+    assert set(stored) == set(original) | {HEAD_KEY}
+    assert all(torch.equal(stored['params'][k], v) for k, v in original['params'].items())
+    assert_same_head(read_head(toy['calibrated']), toy['result']['head'])
+    assert read_head(toy['ckpt']) is None
+
+
+def test_the_head_survives_a_safetensors_round_trip(toy, tmp_path):
+    net = build_network(dict(TOY))
+    src, dst = str(tmp_path / 'toy.safetensors'), str(tmp_path / 'toy_head.safetensors')
+    save_safetensors(net.state_dict(), src, TOY, {'provenance': 'a test'})
+    before = sha(src)
+    head = toy['result']['head']
+    save_with_head(src, dst, head, TOY)
+    assert sha(src) == before
+    stored = read_checkpoint(dst)
+    assert stored[NETWORK_KEY] == TOY and stored[METADATA_KEY]['provenance'] == 'a test'
+    assert all(torch.equal(stored['params_ema'][k], v) for k, v in net.state_dict().items())
+    assert_same_head(read_head(dst), head)
+    with pytest.raises(DetectionError, match='is the input checkpoint'):
+        save_with_head(src, src, head, TOY)
+    with pytest.raises(DetectionError, match='keep the format'):
+        save_with_head(src, str(tmp_path / 'toy.pth'), head, TOY)
+
+
+def test_a_damaged_head_is_named(toy, tmp_path):
+    stored = dict(read_checkpoint(toy['calibrated']))
+    stored[HEAD_KEY] = dict(stored[HEAD_KEY], version=99)
+    torch.save(stored, tmp_path / 'bad.pth')
+    with pytest.raises(DetectionError, match=r'bad.pth: detection head version 99'):
+        read_head(str(tmp_path / 'bad.pth'))
+    del stored[HEAD_KEY]['version'], stored[HEAD_KEY]['guard']
+    stored[HEAD_KEY]['version'] = 1
+    torch.save(stored, tmp_path / 'bad.pth')
+    with pytest.raises(DetectionError, match="lacks or mangles 'guard'"):
+        read_head(str(tmp_path / 'bad.pth'))
