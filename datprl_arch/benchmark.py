@@ -2,7 +2,7 @@
 
     python -m datprl_arch.benchmark -opt options/demo/md_mini_test.yml [--ckpt A.pth --ckpt B.pth]
                                     [--name NAME] [--metric-bits {native,8}] [--device cpu|cuda]
-                                    [--amp bf16|fp16] [--threads N] [--quiet]
+                                    [--amp bf16|fp16] [--tf32] [--max-pixels P] [--threads N] [--quiet]
 
 Writes ``results/<name>/report.md``, ``report.csv``, ``report.json`` and ``samples.png`` under the current directory
 (an existing ``results/<name>/`` is first moved to ``results/<name>_archived_<time>``) and prints the table (input,
@@ -42,6 +42,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--device', choices=('cpu', 'cuda'), help='default: cuda if available, else cpu')
     parser.add_argument('--amp', choices=sorted(AMP_DTYPES),
                         help='mixed precision: bf16/fp16 on CUDA, bf16 on CPUs with native bf16 (default: float32)')
+    parser.add_argument('--tf32', action='store_true', help='float32 matrix products and convolutions on CUDA in '
+                        'TF32 (faster, about 3 significant digits; default: full-precision matrix products)')
+    parser.add_argument('--max-pixels', type=int, metavar='P', help='restore images above P pixels in tiles under '
+                        "their whole-image prompt, as restore does (default: the option file's val.max_pixels, else "
+                        'whole images)')
     parser.add_argument('--task-prompts', action='store_true', help="restore each set under its task's own prompt "
                         '(the label) instead of the one the network picks (ExplicitPrompt, LowRankPrompt)')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')
@@ -66,7 +71,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     def pipeline(root: str) -> None:
         print_summary(run_benchmark(args.opt, args.ckpt, name=args.name, metric_bits=args.metric_bits,
                                     device=args.device, quiet=args.quiet, root=root, amp=args.amp,
-                                    task_prompts=args.task_prompts, threads=threads))
+                                    task_prompts=args.task_prompts, threads=threads, max_pixels=args.max_pixels,
+                                    tf32=args.tf32))
 
     run_pipeline(pipeline, PROG, errors=USER_ERRORS)
 

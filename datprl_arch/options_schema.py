@@ -35,7 +35,7 @@ PATH_KEYS = ('resume_state', 'ignore_resume_networks', 'strict_load', 'param_key
 _NETWORK_PATH_KEY = re.compile(r'^(pretrain_network|param_key|strict_load)_\w+$')
 LOGGER_KEYS = ('print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb')
 VAL_KEYS = ('val_freq', 'save_img', 'suffix', 'metrics', 'pbar', 'center_frame_only', 'flip_seq', 'num_val_samples',
-            'num_val_datasets', 'prompt_analysis', 'prompt_analysis_save_path')
+            'num_val_datasets', 'prompt_analysis', 'prompt_analysis_save_path', 'max_pixels')
 DIST_KEYS = ('backend', 'port', 'timeout')
 #: What BasicSR's ``build_dataloader`` / ``parse_options`` read of every dataset entry.
 LOADER_KEYS = ('name', 'type', 'phase', 'scale', 'batch_size_per_gpu', 'num_worker_per_gpu', 'dataset_enlarge_ratio',
@@ -459,7 +459,7 @@ def _check_train(c: Checker, train: Mapping, train_keys, optimizers, schedulers,
     for key in ('max_nonfinite_steps', 'stats_update_freq', 'prompt_analysis_freq'):
         if key in train:
             c.number(f'train.{key}', train[key], integer=True, minimum=1, none=key == 'prompt_analysis_freq')
-    for key in ('use_amp', 'use_clip_constraint', 'reinit_prompts', 'enable_prompt_analysis', 'compile'):
+    for key in ('use_amp', 'use_clip_constraint', 'reinit_prompts', 'enable_prompt_analysis', 'compile', 'tf32'):
         if key in train:
             c.flag(f'train.{key}', train[key])
     if train.get('pixel_weighting') is not None:
@@ -527,6 +527,9 @@ def _check_val(c: Checker, val: Mapping, is_train: bool, ours: bool, srmodel: bo
     c.keys('val', val, VAL_KEYS, ('val_freq', 'save_img') if is_train else ('save_img',), complete=ours or srmodel)
     if is_train and 'val_freq' in val:
         c.number('val.val_freq', val['val_freq'], integer=True, minimum=1)
+    if val.get('max_pixels') is not None:  # tiles of the restore command's automatic side must exceed their overlap
+        from .inference.whole_image import min_tiled_pixels
+        c.number('val.max_pixels', val['max_pixels'], integer=True, minimum=min_tiled_pixels())
     if 'save_img' in val:
         c.flag('val.save_img', val['save_img'])
         if srmodel and val['save_img'] and not is_train and 'suffix' not in val:

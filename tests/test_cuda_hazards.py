@@ -12,9 +12,14 @@ from torch import distributed as dist
 
 import datprl_arch  # noqa: F401  (registration)
 from basicsr.models import build_model
+from datprl_arch.inference.tiling import plan_tiles
+from datprl_arch.inference.whole_image import min_tiled_pixels, prompt_view
+from datprl_arch.options import OptionFileError
+from datprl_arch.options_schema import validate
+from datprl_arch.utils import precision
 
 from test_distributed import NCCL_FALLBACK, SLURM_TASK, SUBPROCESS_TIMEOUT_S, cpu_env, ddp_options, free_port
-from test_training import NETWORK, _batch, _model_opt, data  # noqa: F401  (data: the module's fixture)
+from test_training import NETWORK, _batch, _model_opt, data, options  # noqa: F401  (data: the module's fixture)
 
 gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                           reason='this torch build has no gloo backend')
@@ -106,3 +111,100 @@ def test_every_prompt_mode_trains_under_ddp_with_its_loss_weights_at_0(tmp_path,
         assert model.nonfinite_steps == 0
     after = model.get_bare_model(model.net_g).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+# ---------------------------------------------------------------------------------------------- large validation images
+MAX_PIXELS = 4096  # automatic tiles of 64 pixels, overlap 32 (the restore command's)
+LARGE = (1, 3, 96, 160)  # 15,360 pixels: 2 x 4 tiles
+
+
+def _tested(tmp_path, data, network, max_pixels):  # noqa: F811
+    opt = _model_opt(data, tmp_path)
+    opt['network_g'] = network
+    opt['val']['max_pixels'] = max_pixels
+    torch.manual_seed(0)
+    return build_model(opt)
+
+
+def _tile_inputs(model):
+    """Record the input shape of every forward of the tested network."""
+    shapes = []
+    model._tested_net().register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape[-2:])))
+    return shapes
+
+
+@pytest.mark.parametrize('prompted', [False, True])
+def test_validation_tiles_an_image_above_val_max_pixels_and_equals_the_untiled_result(
+        tmp_path, data, prompted):  # noqa: F811
+    """EDSR's receptive field (radius 7) fits the discarded seam margin (a quarter of the overlap), so the tiles
+    give the untiled output everywhere; a prompted network runs every tile under the whole image's prompt."""
+    network = _prompted_edsr('AdaptivePrompt') if prompted else dict(EDSR)
+    lq = torch.rand(LARGE, generator=torch.Generator().manual_seed(3))
+    tiled = _tested(tmp_path / 'tiled', data, network, MAX_PIXELS)
+    whole = _tested(tmp_path / 'whole', data, network, None)
+    whole._tested_net().load_state_dict(tiled._tested_net().state_dict())
+    shapes = _tile_inputs(tiled)
+    net = tiled._tested_net()
+    prompts = []
+    if prompted:
+        net.register_forward_pre_hook(lambda module, args: prompts.append(module._fixed_prompt))
+    tiled.lq = whole.lq = lq
+    tiled.test()
+    if prompted:  # the untiled reference runs under the prompt the tiles shared: that of the whole image
+        shared = prompts[-1]  # the first forward composed it (compute_prompt), without a fixed prompt
+        assert prompts[0] is None and shared is not None and all(p is shared for p in prompts[1:])
+        with torch.no_grad():
+            assert torch.equal(shared, net.compute_prompt(prompt_view(lq, MAX_PIXELS)))
+        with whole._tested_net().fixed_prompt(shared):
+            whole.test()
+    else:
+        whole.test()
+    assert shapes.count((64, 64)) == len(plan_tiles(*LARGE[-2:], 64, 32)) == 8
+    assert whole.output.shape == tiled.output.shape == LARGE
+    torch.testing.assert_close(tiled.output, whole.output, rtol=1e-5, atol=1e-5)
+
+
+def test_val_max_pixels_and_train_tf32_are_checked_with_the_options(data):  # noqa: F811
+    opt = options(data, 'checked', tf32='yes')
+    opt['val']['max_pixels'] = 100
+    with pytest.raises(OptionFileError) as error:
+        validate(opt, True, 'o.yml')
+    assert f'val.max_pixels: found int 100, expected an integer >= {min_tiled_pixels()}' in str(error.value)
+    assert "train.tf32: found the string 'yes', expected true or false" in str(error.value)
+    opt = options(data, 'checked', tf32=True)
+    opt['val']['max_pixels'] = MAX_PIXELS
+    validate(opt, True, 'o.yml')
+
+
+# ---------------------------------------------------------------------------------------------- EMA and TF32
+def test_the_ema_update_is_one_foreach_lerp_equal_to_the_loop_it_replaced(tmp_path, data, monkeypatch):  # noqa
+    model = build_model(_model_opt(data, tmp_path))
+    net = model.get_bare_model(model.net_g)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(torch.randn_like(param))
+    reference = {name: param.detach().clone() for name, param in model.net_g_ema.named_parameters()}
+    calls = []
+    lerp = torch._foreach_lerp_
+    monkeypatch.setattr(torch, '_foreach_lerp_', lambda *args: calls.append(len(args[0])) or lerp(*args))
+    decay = 0.9
+    for _ in range(3):
+        model.model_ema(decay)
+        for name, param in net.named_parameters():  # the loop model_ema ran before
+            reference[name].mul_(decay).add_(param.detach(), alpha=1 - decay)
+    assert calls == [len(reference)] * 3
+    for name, param in model.net_g_ema.named_parameters():  # lerp rounds differently: equal to float32 precision
+        torch.testing.assert_close(param, reference[name])
+
+
+def test_tf32_is_opt_in_and_cuda_only(tmp_path, data, monkeypatch):  # noqa: F811
+    precisions = []
+    monkeypatch.setattr(torch, 'set_float32_matmul_precision', precisions.append)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    assert precision.use_tf32(torch.device('cpu')).startswith('tf32: CUDA only')
+    assert precisions == [] and torch.backends.cudnn.allow_tf32 is False
+    precision.use_tf32(torch.device('cuda'))
+    assert precisions == ['high'] and torch.backends.cudnn.allow_tf32 is True
+    build_model(_model_opt(data, tmp_path / 'off'))
+    assert precisions == ['high']  # without train.tf32 nothing is set

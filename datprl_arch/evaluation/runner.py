@@ -30,10 +30,11 @@ from basicsr.utils import get_root_logger, set_random_seed, tensor2img
 from basicsr.utils.logger import initialized_logger
 
 from ..data.sources import DataSourceError
+from ..inference.whole_image import min_tiled_pixels
 from ..options import OptionFileError, load_option_file
 from ..utils.checkpoint import STAGES_KEY, CheckpointError, file_sha256, network_options, read_checkpoint
 from ..utils.folders import archive_and_create
-from ..utils.precision import AMP_DTYPES, amp_problem, autocast
+from ..utils.precision import AMP_DTYPES, amp_problem, autocast, use_tf32
 from ..weights import RELEASE, resolve_checkpoint
 from .aggregate import aggregates, summarize_set
 from .metrics import NATIVE, metric_bits_note, parse_metric_bits, score, upsample_to
@@ -326,7 +327,7 @@ def _notes(sets) -> list[str]:
 def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optional[str] = None,
                   metric_bits: str = NATIVE, device: Optional[str] = None, quiet: bool = False,
                   root: Optional[str] = None, amp: Optional[str] = None, task_prompts: bool = False,
-                  threads: Optional[int] = None) -> dict:
+                  threads: Optional[int] = None, max_pixels: Optional[int] = None, tf32: bool = False) -> dict:
     """Benchmark ``checkpoints`` (default: the option file's ``path.pretrain_network_g``, else the shipped release
     model; ``release`` names it, :mod:`datprl_arch.weights`) on the test sets of
     ``option_file`` against the degraded input; writes ``report.md``, ``report.csv``, ``report.json`` and
@@ -336,7 +337,9 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
     fp16): the networks run under autocast in that dtype, where the device supports it
     (:mod:`datprl_arch.utils.precision`). ``task_prompts``: restore each set under its task's own prompt (the
     label; networks whose prompt mode has a prompt per task) instead of the one the network picks. ``threads``: the
-    CPU threads the caller set (logged and reported).
+    CPU threads the caller set (logged and reported). ``max_pixels``: images above it are restored in tiles under
+    their whole-image prompt, as the restore command does (default: the option file's ``val.max_pixels``, else whole
+    images). ``tf32``: float32 work on CUDA in TF32 (:func:`~datprl_arch.utils.precision.use_tf32`).
 
     Raises ``OptionFileError``, ``CheckpointError``, ``DataSourceError``, ``OutputFolderError`` (a results folder
     that cannot be written) or :class:`BenchmarkError` with a message naming the file for bad input."""
@@ -353,6 +356,9 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
     checkpoints = [osp.expanduser(c) for c in checkpoints]
     infos = _inspect_checkpoints(checkpoints, opt.get('network_g'), option_file)
     device = resolve_device(device)
+    if max_pixels is not None and max_pixels < min_tiled_pixels():
+        raise BenchmarkError(f'--max-pixels {max_pixels}: expected at least {min_tiled_pixels()} (tiles must be '
+                             'larger than their overlap).')
     problem = amp_problem(torch.device(device), amp) if amp is not None else None
     if problem:
         raise BenchmarkError(f'--amp {amp}: {problem}')
@@ -366,6 +372,13 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
                 f'{amp or "float32"}, {threads or torch.get_num_threads()} CPU threads. '
                 f'{metric_bits_note(metric_bits)}')
     test_opt = _test_options(opt, option_file, results_dir, device)
+    if max_pixels is not None:
+        test_opt['val'] = dict(test_opt.get('val') or {}, max_pixels=max_pixels)
+    if (test_opt.get('val') or {}).get('max_pixels') is not None:
+        logger.info(f"Images above {test_opt['val']['max_pixels']} pixels are restored in tiles under the prompt "
+                    'of the whole image.')
+    if tf32:
+        logger.info(use_tf32(torch.device(device)))
     set_random_seed(int(test_opt.get('manual_seed') or 0))
     metric_opts, metric_origin = benchmark_metric_opts(test_opt)
     sets = _build_sets(test_opt, option_file)

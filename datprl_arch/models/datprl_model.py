@@ -41,12 +41,13 @@ from ..archs.prompt import dead_parameter_names
 from ..data.multidomain_dataset import training_set
 from ..errors import DatprlError
 from ..evaluation.metrics import metric_bits_note, parse_metric_bits, score
+from ..inference.whole_image import bounded_forward
 from ..losses.pixel_weighting import DEFAULT_FLOOR, PIXEL_WEIGHTINGS, error_weights
 from ..options import OptionFileError
 from ..utils.atomic import atomic_torch_save
 from ..utils.checkpoint import NETWORK_KEY, STAGES_KEY, load_checkpoint, plain_options
 from ..utils.network_probe import output_problem, probe_channels
-from ..utils.precision import AMP_DTYPES, amp_problem, autocast, memory_format
+from ..utils.precision import AMP_DTYPES, amp_problem, autocast, memory_format, use_tf32
 from ..utils.registry import register
 from .analysis import PromptAnalysis
 from .optim import build_optimizer, build_scheduler, check_trainable, parameter_groups, resolve_parts
@@ -56,7 +57,7 @@ from .stages import Stage, parse_stages, stage_at
 
 BACKBONE_PATH_KEY = 'pretrain_network_backbone'
 BASICSR_TRAIN_KEYS = ('ema_decay', 'optim_g', 'scheduler', 'total_iter', 'warmup_iter', 'pixel_opt', 'perceptual_opt')
-MODEL_TRAIN_KEYS = ('fft_opt', 'prompt_lr', 'use_amp', 'amp_dtype', 'grad_clip', 'freeze', 'compile',
+MODEL_TRAIN_KEYS = ('fft_opt', 'prompt_lr', 'use_amp', 'amp_dtype', 'tf32', 'grad_clip', 'freeze', 'compile',
                     'max_nonfinite_steps', 'enable_prompt_analysis', 'prompt_analysis_freq',
                     'prompt_analysis_save_path', 'pixel_weighting', 'pixel_weight_floor',
                     'pixel_weight_power', 'stages')
@@ -84,6 +85,9 @@ class DATPRLModel(SRModel):
         #: 8-bit figures); checked before the network is built so a typo does not surface at the first validation.
         self.metric_bits = parse_metric_bits((opt.get('val') or {}).get('metric_bits'), 'val.metric_bits')
         self._metric_bits_logged = False
+        #: ``val.max_pixels``: images above it are tested in tiles under their whole-image prompt (None: whole).
+        self.max_pixels = (opt.get('val') or {}).get('max_pixels')
+        self._tiling_logged = False
         super().__init__(opt)
         if self.device.type == 'cpu':
             get_root_logger().info(f'CPU threads: {torch.get_num_threads()} (--threads N sets them).')
@@ -158,6 +162,8 @@ class DATPRLModel(SRModel):
         self.max_nonfinite = int(train_opt.get('max_nonfinite_steps', DEFAULT_MAX_NONFINITE))
         self.nonfinite_steps = 0
         self.amp_dtype = self._amp_dtype(train_opt)
+        if train_opt.get('tf32'):
+            get_root_logger().info(use_tf32(self.device))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         super().init_training_settings()  # EMA, pixel/perceptual losses, optimizers, schedulers
         if hasattr(self, 'net_g_ema'):
@@ -389,14 +395,19 @@ class DATPRLModel(SRModel):
                 param.grad /= self.opt['world_size']
 
     def test(self):
-        """Restore ``self.lq`` with the EMA network if any, else the bare network (never through the DDP wrapper,
-        since only rank 0 validates)."""
+        """Restore ``self.lq`` ``[B, C, H, W]`` with the EMA network if any, else the bare network (never through the
+        DDP wrapper, since only rank 0 validates); an image above ``val.max_pixels`` in tiles under its whole-image
+        prompt, as the restore command does (:mod:`~datprl_arch.inference.whole_image`)."""
         net = self._tested_net()
         was_training = net.training
         net.eval()
         with torch.no_grad(), self._eager():
-            self.output = net(self.lq)
+            self.output, side = bounded_forward(net, self.lq, self.max_pixels)
         net.train(was_training)
+        if side is not None and not self._tiling_logged:
+            get_root_logger().info(f'Images above val.max_pixels ({self.max_pixels}) are tested in tiles of {side} '
+                                   'pixels under the prompt of the whole image.')
+            self._tiling_logged = True
 
     def _eager(self):
         """With ``train.compile`` the bare network validates uncompiled (as the EMA network does): static-shape
@@ -421,12 +432,15 @@ class DATPRLModel(SRModel):
                                      'rate, set grad_clip, or check the data.')
 
     def model_ema(self, decay=0.999):
-        """EMA of the parameters; buffers are copied (BasicSR's EMA leaves them at their initial values)."""
+        """EMA of the parameters, ``ema += (1 - decay) * (param - ema)`` in one multi-tensor kernel per device and
+        dtype (a loop would launch two kernels per tensor); buffers are copied (BasicSR's EMA leaves them at their
+        initial values)."""
         net = self.get_bare_model(self.net_g)
         ema_params = dict(self.net_g_ema.named_parameters())
         with torch.no_grad():
-            for name, param in net.named_parameters():
-                ema_params[name].mul_(decay).add_(param, alpha=1 - decay)
+            pairs = [(ema_params[name], param) for name, param in net.named_parameters()]
+            if pairs:
+                torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - decay)
             ema_buffers = dict(self.net_g_ema.named_buffers())
             for name, buf in net.named_buffers():
                 ema_buffers[name].copy_(buf)
