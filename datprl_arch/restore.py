@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 
 import datprl_arch  # noqa: F401  (compatibility fixes and registration, before basicsr)
 from basicsr.utils import get_root_logger
+from datprl_arch.inference.detection import DetectionError
+from datprl_arch.inference.guard import REPORT_CSV, REPORT_JSON, load_explainer, write_restore_report
 from datprl_arch.inference.restore import (AMP_DTYPES, DEFAULT_TILE_OVERLAP, MAX_PIXELS_PER_FORWARD, RestoreError,
                                            load_restorer, plan_jobs, restore_files)
 from datprl_arch.options import OptionFileError
@@ -31,6 +33,8 @@ from datprl_arch.utils.threads import add_threads_argument, use_threads
 from datprl_arch.weights import RELEASE
 
 PROG = 'datprl-restore'
+#: Whether the guard is on without --guard/--no-guard (off until it is measured on the release model, issue 28).
+DEFAULT_GUARD = False
 
 
 def _int_at_least(minimum: int):
@@ -69,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                         'prompt type has a prompt per task: ExplicitPrompt, LowRankPrompt)')
     prompt.add_argument('--blend', metavar='A:B:ALPHA', help='restore under (1-ALPHA) x prompt A + ALPHA x prompt B; '
                         'A and B are task names or reference images (whose composed prompt is used)')
+    parser.add_argument('--explain', action='store_true', help=f'write {REPORT_CSV} and {REPORT_JSON} beside the '
+                        'outputs: detected domain and task with probabilities (checkpoints calibrated by '
+                        'tools.calibrate), change (PSNR of output vs input), tiles, time, what the guard did')
+    parser.add_argument('--guard', action=argparse.BooleanOptionalAction, default=DEFAULT_GUARD,
+                        help='keep the input of an image judged clean or of an unsure task, and blend towards the '
+                        'input a change larger than on validation images of the detected task (needs a calibrated '
+                        f'checkpoint; writes the report too; default {"on" if DEFAULT_GUARD else "off"})')
     parser.add_argument('--quiet', action='store_true', help='no progress bar and no information messages')
     add_threads_argument(parser)
     return parser
@@ -85,9 +96,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         jobs = plan_jobs(args.input, args.output)
         restorer = load_restorer(args.ckpt, args.opt, args.param_key, args.device, args.amp, args.tile,
                                  args.tile_overlap, args.max_pixels, args.task, args.blend)
-    except (RestoreError, CheckpointError, OptionFileError) as err:
+        explainer = load_explainer(restorer, args.ckpt, args.explain, args.guard)
+    except (RestoreError, CheckpointError, OptionFileError, DetectionError) as err:
         sys.exit(f'{PROG}: error: {err}')
-    failures = restore_files(restorer, jobs, progress=not args.quiet)
+    records = []
+    failures = restore_files(restorer, jobs, progress=not args.quiet, explainer=explainer, records=records)
+    if explainer is not None:
+        write_restore_report(records, [dst for _, dst in jobs], args.ckpt, explainer)
     if failures:
         sys.stderr.write(f'{PROG}: {len(failures)} of {len(jobs)} images failed:\n'
                          + ''.join(f'  {message}\n' for message in failures))

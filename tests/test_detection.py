@@ -1,7 +1,11 @@
 """Detection heads, calibration, ``datprl-restore --explain`` / ``--guard`` and the benchmark's detection report: a
 toy network whose pool queries are linear in simple image statistics (separable prompts) on toy sets of three
 domains (tints) and three tasks (clean, noise, stripes)."""
+import csv
 import hashlib
+import json
+import logging
+import math
 import os
 
 import cv2
@@ -16,7 +20,11 @@ from basicsr.utils.registry import ARCH_REGISTRY
 from datprl_arch.archs.prompt import PoolSpec, PromptConfig, PromptSystem
 from datprl_arch.evaluation.detection import DetectionTally, expected_calibration_error
 from datprl_arch.inference.calibration import UNSURE_CEILING, calibrate, fit_temperature, fold_indices
-from datprl_arch.inference.detection import HEAD_KEY, DetectionError, DetectionHead, read_head, save_with_head
+from datprl_arch.inference.detection import (CLEAN_TASK, HEAD_KEY, DetectionError, DetectionHead, GuardThresholds,
+                                             change_psnr, read_head, save_with_head)
+from datprl_arch.inference.guard import (BLENDED, GUARD_OFF, KEPT_INPUT, REPORT_CSV, REPORT_FIELDS, REPORT_JSON,
+                                         RESTORED, Explainer)
+from datprl_arch.restore import main as restore_main
 from datprl_arch.utils.checkpoint import METADATA_KEY, NETWORK_KEY, read_checkpoint, save_safetensors
 from datprl_arch.utils.registry import register
 
@@ -257,3 +265,173 @@ def test_a_damaged_head_is_named(toy, tmp_path):
     torch.save(stored, tmp_path / 'bad.pth')
     with pytest.raises(DetectionError, match="lacks or mangles 'guard'"):
         read_head(str(tmp_path / 'bad.pth'))
+
+
+# ------------------------------------------------------------------------------------------------ restore
+def restore(*args):
+    return restore_main(['--quiet', '--device', 'cpu', *map(str, args)])
+
+
+def report_rows(folder):
+    with open(folder / REPORT_CSV, newline='') as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, {os.path.basename(r['file']): r for r in reader}
+
+
+def unit(img):
+    return img.astype(np.float64) / np.iinfo(img.dtype).max
+
+
+def psnr(a, b):
+    return 10 * math.log10(1 / np.mean((unit(a) - unit(b)) ** 2))
+
+
+def test_explain_report_columns_and_values_for_a_folder(toy, tmp_path):
+    src, out = tmp_path / 'in', tmp_path / 'out'
+    src.mkdir()
+    rng = np.random.default_rng(5)
+    labels = {}
+    for domain, task in [('natural', 'denoise'), ('medical', 'derain'), ('remote_sensing', 'clean')]:
+        name = f'{domain}_{task}.png'
+        cv2.imwrite(str(src / name), to8(toy_image(domain, task, rng)[1]))
+        labels[name] = (domain, task)
+    assert restore('--ckpt', toy['calibrated'], '--explain', src, out) == 0
+    columns, rows = report_rows(out)
+    assert tuple(columns) == REPORT_FIELDS and set(rows) == set(labels)
+    for name, row in rows.items():
+        assert (row['domain'], row['task']) == labels[name] and row['output'] == str(out / name)
+        assert 1 / 3 < float(row['domain_probability']) <= 1 and 1 / 3 < float(row['task_probability']) <= 1
+        assert (row['tiles'], row['tile_side'], row['guard'], row['guard_reason']) == ('1', '', GUARD_OFF, '')
+        assert float(row['seconds']) > 0 and float(row['kept_fraction']) == 1
+        written, original = cv2.imread(str(out / name)), cv2.imread(str(src / name))
+        assert float(row['change_psnr_db']) == pytest.approx(psnr(written, original), abs=0.2)  # 8-bit rounding
+        assert row['output_change_psnr_db'] == row['change_psnr_db']
+    with open(out / REPORT_JSON) as f:
+        report = json.load(f)
+    assert report['detection_head'] is True and report['guard'] is False and report['columns'] == list(REPORT_FIELDS)
+    assert report['thresholds'] == toy['result']['head'].guard.to_dict()
+    for image in report['images']:
+        assert list(image['probabilities']['task']) == list(TASKS)
+        assert sum(image['probabilities']['domain'].values()) == pytest.approx(1)
+
+
+def test_explain_on_16bit_and_gray_images(toy, tmp_path):
+    src, out = tmp_path / 'in', tmp_path / 'out'
+    src.mkdir()
+    lq = toy_image('medical', 'denoise', np.random.default_rng(6))[1]
+    images = {'gray8.png': to8(lq)[..., 0], 'gray16.png': (lq[..., 0] * 65535).round().astype(np.uint16),
+              'colour16.tif': (lq * 65535).round().astype(np.uint16)}
+    for name, img in images.items():
+        cv2.imwrite(str(src / name), img)
+    assert restore('--ckpt', toy['calibrated'], '--explain', src, out) == 0
+    _, rows = report_rows(out)
+    assert set(rows) == set(images)
+    for name, img in images.items():
+        written = cv2.imread(str(out / name), cv2.IMREAD_UNCHANGED)
+        assert written.dtype == img.dtype and written.shape == img.shape
+        assert rows[name]['task'] == 'denoise' and math.isfinite(float(rows[name]['change_psnr_db']))
+        assert float(rows[name]['change_psnr_db']) == pytest.approx(psnr(written, img), abs=0.2)
+
+
+def always_clean(head: DetectionHead) -> DetectionHead:
+    """A copy of ``head`` whose task head judges every image clean."""
+    copy = DetectionHead.from_dict(head.to_dict())
+    task = copy.heads['task']
+    task.weight.zero_()
+    task.bias.copy_(torch.tensor([10.0 if c == CLEAN_TASK else 0.0 for c in task.classes]))
+    return copy
+
+
+def test_the_guard_returns_the_input_exactly_for_an_image_judged_clean(toy, tmp_path):
+    ckpt = str(tmp_path / 'clean.pth')
+    save_with_head(toy['ckpt'], ckpt, always_clean(toy['result']['head']), TOY)
+    src = tmp_path / 'in'
+    src.mkdir()
+    lq = toy_image('natural', 'denoise', np.random.default_rng(7))[1]
+    rgba = np.concatenate([to8(lq), np.full(lq.shape[:2] + (1,), 200, np.uint8)], axis=2)
+    images = {'colour.png': to8(lq), 'gray16.png': (lq[..., 1] * 65535).round().astype(np.uint16), 'alpha.png': rgba}
+    for name, img in images.items():
+        cv2.imwrite(str(src / name), img)
+    assert restore('--ckpt', ckpt, '--guard', src, tmp_path / 'guarded') == 0  # --guard writes the report too
+    _, rows = report_rows(tmp_path / 'guarded')
+    for name, img in images.items():
+        assert np.array_equal(cv2.imread(str(tmp_path / 'guarded' / name), cv2.IMREAD_UNCHANGED), img)
+        row = rows[name]
+        assert (row['task'], row['guard'], row['kept_fraction']) == (CLEAN_TASK, KEPT_INPUT, '0.0000')
+        assert row['guard_reason'].startswith('judged clean') and row['output_change_psnr_db'] == 'inf'
+    assert restore('--ckpt', ckpt, '--no-guard', '--explain', src, tmp_path / 'unguarded') == 0
+    restored = cv2.imread(str(tmp_path / 'unguarded' / 'colour.png'), cv2.IMREAD_UNCHANGED)
+    assert not np.array_equal(restored, images['colour.png'])  # the network itself changes the image
+    assert report_rows(tmp_path / 'unguarded')[1]['colour.png']['guard'] == GUARD_OFF
+
+
+GUARD = GuardThresholds(0.6, {'denoise': [20.0, 40.0]})
+
+
+@pytest.mark.parametrize('task, probability, change, guard, kept', [
+    ('clean', 0.9, 30.0, KEPT_INPUT, 0.0),
+    ('denoise', 0.5, 30.0, KEPT_INPUT, 0.0),  # unsure
+    ('denoise', 0.9, 14.0, BLENDED, 10 ** (-6 / 20)),  # 6 dB more change than the range allows
+    ('denoise', 0.9, 30.0, RESTORED, 1.0),
+    ('denoise', 0.9, 45.0, RESTORED, 1.0),  # a small change is reported, not acted on
+    ('derain', 0.9, 5.0, RESTORED, 1.0),  # no range measured for the task: no change check
+])
+def test_guard_decisions(toy, task, probability, change, guard, kept):
+    head = DetectionHead.from_dict(toy['result']['head'].to_dict())
+    head.guard = GUARD
+    got = Explainer(head, guard=True).decide({'task': task, 'task_probability': probability}, change)
+    assert got[0] == guard and got[2] == pytest.approx(kept)
+    assert Explainer(head, guard=False).decide({'task': task, 'task_probability': probability}, change)[0] == GUARD_OFF
+
+
+def test_a_blend_lands_on_the_edge_of_the_range(toy, monkeypatch):
+    head = DetectionHead.from_dict(toy['result']['head'].to_dict())
+    head.guard = GUARD
+    explainer = Explainer(head, guard=True)
+    monkeypatch.setattr(explainer, 'detect', lambda restorer, image: {'task': 'denoise', 'task_probability': 0.9})
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    output = (image + 0.3 * torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    assert change_psnr(output, image) < GUARD.change_db['denoise'][0]
+    blended, kept_input, record = explainer(None, image, output)
+    assert not kept_input and record['guard'] == BLENDED
+    assert change_psnr(blended, image) == pytest.approx(GUARD.change_db['denoise'][0], abs=1e-6)
+    assert record['output_change_psnr_db'] == pytest.approx(GUARD.change_db['denoise'][0], abs=1e-6)
+
+
+class Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_a_checkpoint_without_a_head(toy, tmp_path, capsys):
+    cv2.imwrite(str(tmp_path / 'a.png'), to8(toy_image('natural', 'clean', np.random.default_rng(8))[1]))
+    with pytest.raises(SystemExit) as exit_info:
+        restore('--ckpt', toy['ckpt'], '--guard', tmp_path / 'a.png', f"{tmp_path / 'out'}/")
+    message = str(exit_info.value)
+    assert f"--guard needs a detection head, and {toy['ckpt']} has none" in message
+    assert 'python -m datprl_arch.tools.calibrate' in message and not (tmp_path / 'out').exists()
+    seen, logger = Warnings(), logging.getLogger('basicsr')
+    logger.addHandler(seen)
+    try:
+        assert restore('--ckpt', toy['ckpt'], '--explain', tmp_path / 'a.png', f"{tmp_path / 'out'}/") == 0
+    finally:
+        logger.removeHandler(seen)
+    assert any('has no detection head: the report gives the change' in m for m in seen.messages)
+    row = report_rows(tmp_path / 'out')[1]['a.png']
+    assert (row['domain'], row['task'], row['guard'], row['guard_reason']) == ('', '', GUARD_OFF, 'no detection head')
+    assert math.isfinite(float(row['change_psnr_db']))
+
+
+def test_a_head_of_another_network_is_refused_before_restoring(toy, tmp_path):
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / 'tiny.pth')
+    torch.save({'params': build_network(dict(TINY)).state_dict(), 'network_g': dict(TINY)}, ckpt)
+    save_with_head(ckpt, str(tmp_path / 'tiny_head.pth'), toy['result']['head'], TINY)  # the toy's head
+    cv2.imwrite(str(tmp_path / 'a.png'), to8(toy_image('natural', 'clean', np.random.default_rng(9))[1]))
+    with pytest.raises(SystemExit, match='the detection head was fitted on 23'):
+        restore('--ckpt', tmp_path / 'tiny_head.pth', '--explain', tmp_path / 'a.png', f"{tmp_path / 'out'}/")
+    assert not (tmp_path / 'out').exists()

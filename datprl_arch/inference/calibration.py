@@ -110,7 +110,7 @@ def collect(restorer, option_file: str, restore: bool = True) -> list:
                 x = x.expand(-1, restorer.channels, -1, -1) if x.shape[1] == 1 else x.mean(1, keepdim=True)
             labels = _labels(item, defaults, f'{option_file}, set {set_name}')
             features = image_features(restorer, x, kind)[0]
-            change = change_psnr(restorer(x)[0], x) if restore else None
+            change = change_psnr(restorer(x)[0], x, gray=item.get('channels') == 1) if restore else None
             images.append(LabelledImage(set_name, osp.basename(str(item.get('lq_path', index))), labels, features,
                                         change))
     return images

@@ -248,12 +248,18 @@ def save_with_head(src: str, dst: str, head: DetectionHead, network: Mapping) ->
 # ------------------------------------------------------------------------------------------------ one image
 #: Peak of the network's images (``[0, 1]``) for the change PSNR.
 UNIT_PEAK = 1.0
+#: Luma weights of R, G, B (ITU-R BT.601, as OpenCV's BGR2GRAY that writes a gray image's result).
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
-def change_psnr(output: torch.Tensor, image: torch.Tensor) -> float:
+def change_psnr(output: torch.Tensor, image: torch.Tensor, gray: bool = False) -> float:
     """How much a restoration changed an image: PSNR (dB, peak 1) of ``output`` clamped to ``[0, 1]`` against the
-    input ``image`` (both ``[1, C, H, W]``); ``inf`` when nothing changed."""
-    mse = float((output.float().clamp(0, 1) - image.float()).pow(2).mean())
+    input ``image`` (both ``[1, C, H, W]``, RGB); with ``gray``, of their luma (what a gray image's result stores);
+    ``inf`` when nothing changed."""
+    difference = output.float().clamp(0, 1) - image.float()
+    if gray and difference.shape[1] == len(LUMA_WEIGHTS):
+        difference = (difference * torch.tensor(LUMA_WEIGHTS).view(1, -1, 1, 1)).sum(1)
+    mse = float(difference.pow(2).mean())
     return float('inf') if mse == 0 else float(10 * torch.log10(torch.tensor(UNIT_PEAK ** 2 / mse)))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
@@ -333,20 +334,16 @@ def parse_blend_or_fail(blend: str) -> None:
         raise RestoreError(str(err)) from None
 
 
-def restore_file(restorer: Restorer, src: str, dst: str) -> None:
-    """Restore the image ``src`` into ``dst`` (same bit depth and channels), atomically; ``ImageDecodeError`` or
-    :class:`ImageFailure` name the file when it cannot be read, restored or written.
-
-    An alpha channel is not restored (the network sees colour only): it is written back unchanged beside the
-    restored colour channels. A palette PNG is restored and written in full colour, and said so.
-    """
+def read_image(src: str, dst: str):
+    """The decoded image ``src`` (:class:`~datprl_arch.data.image_io.DecodedImage`), checked to be writable as
+    ``dst`` (bit depth, alpha); ``ImageDecodeError`` or :class:`ImageFailure` name the file."""
     try:
         with open(src, 'rb') as f:
             content = f.read()
     except OSError as err:
         raise ImageFailure(f'{src}: cannot be read ({err.strerror})') from None
     decoded = decode_image(content, where=src, verify=True)
-    raw, fmt, alpha = decoded.pixels, decoded.fmt, decoded.alpha
+    fmt, alpha = decoded.fmt, decoded.alpha
     suffix = os.path.splitext(dst)[1].lower()
     if fmt.bit_depth not in SUFFIX_BIT_DEPTHS.get(suffix, (fmt.bit_depth,)):
         fitting = [s for s, depths in SUFFIX_BIT_DEPTHS.items() if fmt.bit_depth in depths]
@@ -359,33 +356,65 @@ def restore_file(restorer: Restorer, src: str, dst: str) -> None:
         colour = 'RGB' if alpha is None else 'RGBA'
         get_root_logger().info(f'{src}: palette PNG expanded to {fmt.bit_depth}-bit {colour}; the result is written '
                                'in full colour, not as a palette image')
-    x = img2tensor(to_channels(to_unit(raw), restorer.channels), bgr2rgb=True, float32=True)[None]
+    return decoded
+
+
+def restore_tensor(restorer: Restorer, x: torch.Tensor, src: str) -> tuple[torch.Tensor, Optional[int], int]:
+    """``restorer(x)`` with an out-of-memory error named: (output, tile side or None, number of tiles)."""
     try:
         y, side = restorer(x)
     except torch.cuda.OutOfMemoryError:
         raise ImageFailure(f'{src}: out of memory on {restorer.device}; use smaller tiles (tile size or '
                            'max pixels per forward)') from None
-    if side is not None:
-        count = len(plan_tiles(*x.shape[-2:], side, restorer.overlap))
-        shared = ', all under the prompt of the whole image' if restorer.prompted else ''
-        get_root_logger().info(f'{src}: {x.shape[-2]}x{x.shape[-1]} restored in {count} tiles of {side} pixels '
-                               f'(overlap {restorer.overlap}){shared}')
+    if side is None:
+        return y, None, 1
+    count = len(plan_tiles(*x.shape[-2:], side, restorer.overlap))
+    shared = ', all under the prompt of the whole image' if restorer.prompted else ''
+    get_root_logger().info(f'{src}: {x.shape[-2]}x{x.shape[-1]} restored in {count} tiles of {side} pixels '
+                           f'(overlap {restorer.overlap}){shared}')
+    return y, side, count
+
+
+def restore_file(restorer: Restorer, src: str, dst: str, explainer=None) -> dict:
+    """Restore the image ``src`` into ``dst`` (same bit depth and channels), atomically; ``ImageDecodeError`` or
+    :class:`ImageFailure` name the file when it cannot be read, restored or written. Returns the image's report
+    record (file, output, tiles, seconds; with an ``explainer`` (:class:`~.guard.Explainer`) also what it detected
+    and what the guard did: a kept input is written from the decoded pixels, exactly).
+
+    An alpha channel is not restored (the network sees colour only): it is written back unchanged beside the
+    restored colour channels. A palette PNG is restored and written in full colour, and said so.
+    """
+    decoded = read_image(src, dst)
+    raw, fmt, alpha = decoded.pixels, decoded.fmt, decoded.alpha
+    x = img2tensor(to_channels(to_unit(raw), restorer.channels), bgr2rgb=True, float32=True)[None]
+    start = time.perf_counter()
+    y, side, count = restore_tensor(restorer, x, src)
+    record, kept_input = {'file': src, 'output': dst, 'tiles': count, 'tile_side': side}, False
+    if explainer is not None:
+        y, kept_input, explained = explainer(restorer, x, y, gray=fmt.channels == 1)
+        record.update(explained)
+    record['seconds'] = time.perf_counter() - start
     try:
-        stored = tensor_to_stored(y, fmt)
+        stored = (raw[..., 0] if raw.shape[2] == 1 else raw) if kept_input else tensor_to_stored(y, fmt)
         write(dst, stored if alpha is None else with_alpha(stored, alpha))
     except (ValueError, OSError, cv2.error) as err:
         raise ImageFailure(f'{dst}: cannot be written ({err})') from None
+    return record
 
 
-def restore_files(restorer: Restorer, jobs: Sequence[tuple[str, str]], progress: bool = True) -> list[str]:
+def restore_files(restorer: Restorer, jobs: Sequence[tuple[str, str]], progress: bool = True, explainer=None,
+                  records: Optional[list] = None) -> list[str]:
     """Restore every ``(src, dst)`` pair, with a progress bar unless ``progress`` is False; an image that fails is
-    logged and skipped. Returns the failure messages (each names its file)."""
+    logged and skipped. Returns the failure messages (each names its file); each image's report record
+    (:func:`restore_file`, with ``explainer``) is appended to ``records`` when given."""
     logger = get_root_logger()
     failures = []
     with logging_redirect_tqdm(loggers=[logger]):
         for src, dst in tqdm(jobs, desc='restore', unit='image', disable=not progress):
             try:
-                restore_file(restorer, src, dst)
+                record = restore_file(restorer, src, dst, explainer)
+                if records is not None:
+                    records.append(record)
             except (ImageDecodeError, ImageFailure) as err:
                 logger.error(f'skipped {err}')
                 failures.append(str(err))
