@@ -19,6 +19,7 @@ from basicsr.archs import build_network
 from basicsr.utils.registry import ARCH_REGISTRY
 from datprl_arch.archs.prompt import PoolSpec, PromptConfig, PromptSystem
 from datprl_arch.evaluation.detection import DetectionTally, expected_calibration_error
+from datprl_arch.evaluation.runner import run_benchmark
 from datprl_arch.inference.calibration import UNSURE_CEILING, calibrate, fit_temperature, fold_indices
 from datprl_arch.inference.detection import (CLEAN_TASK, HEAD_KEY, DetectionError, DetectionHead, GuardThresholds,
                                              change_psnr, read_head, save_with_head)
@@ -435,3 +436,28 @@ def test_a_head_of_another_network_is_refused_before_restoring(toy, tmp_path):
     with pytest.raises(SystemExit, match='the detection head was fitted on 23'):
         restore('--ckpt', tmp_path / 'tiny_head.pth', '--explain', tmp_path / 'a.png', f"{tmp_path / 'out'}/")
     assert not (tmp_path / 'out').exists()
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+def test_the_benchmark_reports_detection_of_checkpoints_with_a_head(toy, tmp_path):
+    report = run_benchmark(toy['test'], [toy['calibrated'], toy['ckpt']], name='detection', device='cpu',
+                           quiet=True, root=str(tmp_path))
+    detection = report['detection']
+    assert list(detection) == ['toy_head']  # the checkpoint without a head has no detection
+    summary = detection['toy_head']
+    assert len(summary['sets']) == 9 and summary['classes'] == {'domain': list(TINTS), 'task': list(TASKS)}
+    for kind in ('domain', 'task'):
+        assert summary['overall'][kind]['accuracy'] == 1.0 and summary['overall'][kind]['images'] == 27
+        assert 0 <= summary['overall'][kind]['ece'] < 0.1
+        counts = np.array(summary['overall'][kind]['confusion']['counts'])
+        assert counts.sum() == 27 and (np.diag(counts) == 9).all()
+    # the benchmark's detections are those tools.calibrate measured on the same sets
+    assert summary['sets'] == toy['result']['tests'][toy['test']]['sets']
+    results = tmp_path / 'results' / 'detection'
+    assert report['files']['confusion_png'] == str(results / 'confusion.png')
+    assert cv2.imread(report['files']['confusion_png']) is not None
+    markdown = (results / 'report.md').read_text()
+    assert '## Detection' in markdown and '### toy_head' in markdown and '![confusion](confusion.png)' in markdown
+    assert '| natural_denoise | 3 | 100.0% |' in markdown
+    with open(results / 'report.json') as f:
+        assert json.load(f)['detection']['toy_head']['overall']['task']['accuracy'] == 1.0

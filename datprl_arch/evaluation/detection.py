@@ -11,7 +11,7 @@ import numpy as np
 #: Equal-width confidence bins of the expected calibration error.
 ECE_BINS = 10
 #: Inches per class of a confusion-matrix panel (and the smallest panel side).
-CONFUSION_INCH_PER_CLASS, CONFUSION_MIN_INCHES = 0.55, 3.0
+CONFUSION_INCH_PER_CLASS, CONFUSION_MIN_INCHES = 0.55, 3.5
 
 
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -105,8 +105,8 @@ def write_confusion(detections: dict, path: str) -> Optional[str]:
         ax.set_axis_off()
     for row, label in enumerate(detections):
         for col, (_, kind, figures) in enumerate(p for p in panels if p[0] == label):
-            _draw(axes[row][col], figures, f'{label}: {kind} (accuracy {figures["accuracy"]:.0%}, '
-                                           f'ECE {figures["ece"]:.3f})')
+            _draw(axes[row][col], figures, f'{label}: {kind}\naccuracy {figures["accuracy"]:.0%}, '
+                                           f'ECE {figures["ece"]:.3f}')
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 from ..utils.atomic import atomic_write_bytes, atomic_write_json
 from .aggregate import LEVELS, METRICS
+from .detection import markdown_lines as detection_lines
 
 #: Columns of ``report.csv``; the 95 % interval is split into its two ends.
 CSV_FIELDS = ('level', 'set', 'dataset', 'domain', 'task', 'checkpoint', 'network', 'bit_depth', 'input_upsampled',
@@ -147,6 +148,7 @@ def markdown(report: dict) -> str:
     lines += ['', '## Results', '', *table_lines(report), '']
     if report['notes']:
         lines += ['## Notes', '', *[f'- {note}' for note in report['notes']], '']
+    lines += detection_lines(report.get('detection'))
     lines += ['## Samples', '', 'Per set, the image of largest PSNR gain (first checkpoint), cropped where the '
               'restoration removed most error: input | restored | ground truth.', '', '![samples](samples.png)', '']
     return '\n'.join(lines)

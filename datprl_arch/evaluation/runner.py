@@ -30,6 +30,7 @@ from basicsr.utils import get_root_logger, set_random_seed, tensor2img
 from basicsr.utils.logger import initialized_logger
 
 from ..data.sources import DataSourceError
+from ..inference.calibration import BenchmarkDetection
 from ..inference.whole_image import min_tiled_pixels
 from ..options import OptionFileError, load_option_file
 from ..utils.checkpoint import STAGES_KEY, CheckpointError, file_sha256, network_options, read_checkpoint
@@ -37,6 +38,7 @@ from ..utils.folders import archive_and_create
 from ..utils.precision import AMP_DTYPES, amp_problem, autocast, use_tf32
 from ..weights import RELEASE, resolve_checkpoint
 from .aggregate import aggregates, summarize_set
+from .detection import confusion_path, write_confusion
 from .metrics import NATIVE, metric_bits_note, parse_metric_bits, score, upsample_to
 from .report import write_reports
 from .samples import Sample, write_samples
@@ -227,10 +229,11 @@ def _label_prompt(model, info: CheckpointInfo, task: str):
 
 
 def _evaluate(model, info: CheckpointInfo, sets, metric_opts, metric_bits: str, first: bool,
-              samples: dict, quiet: bool, amp_context, task_prompts: bool = False) -> None:
+              samples: dict, quiet: bool, amp_context, task_prompts: bool = False, detection=None) -> None:
     """Score every image of every set with ``model`` (its test path run inside ``amp_context``; with
     ``task_prompts`` under the prompt of each set's task); the input's scores on the first checkpoint's pass; keeps
-    the image of largest PSNR gain per set (first checkpoint) for the sample picture."""
+    the image of largest PSNR gain per set (first checkpoint) for the sample picture. ``detection``
+    (:class:`~datprl_arch.inference.calibration.BenchmarkDetection`, checkpoints with a head) sees every image."""
     total = sum(len(loader) for _, loader, _ in sets)
     with tqdm(total=total, desc=info.label, unit='img', disable=quiet, dynamic_ncols=True) as bar:
         for key, loader, rows in sets:
@@ -244,6 +247,8 @@ def _evaluate(model, info: CheckpointInfo, sets, metric_opts, metric_bits: str, 
                 model.feed_data(batch)
                 with amp_context, (_label_prompt(model, info, row.task) if task_prompts else nullcontext()):
                     model.test()
+                if detection is not None:
+                    detection.observe(row.name, row.domain, row.task, batch['lq'])
                 output, gt = model.output.detach().float().cpu(), batch['gt']
                 if output.shape[-2:] != gt.shape[-2:]:
                     raise BenchmarkError(f'{info.path} on {where}: the output is {tuple(output.shape[-2:])}, the '
@@ -383,6 +388,7 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
     metric_opts, metric_origin = benchmark_metric_opts(test_opt)
     sets = _build_sets(test_opt, option_file)
     samples: dict = OrderedDict()
+    detections: dict = OrderedDict()  # checkpoint label -> detection summary, for checkpoints with a head
     for number, info in enumerate(infos):
         model_opt = copy.deepcopy(test_opt)
         model_opt['network_g'] = copy.deepcopy(info.network_opt)
@@ -391,8 +397,11 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
         info.parameters = sum(p.numel() for p in model.get_bare_model(model.net_g).parameters())
         logger.info(f'Checkpoint {info.label}: {info.path}, network {info.network_opt["type"]} '
                     f'({info.parameters:,} parameters, network_g from the {info.network_source})')
+        detection = BenchmarkDetection.of(info.path, model, device, amp)
         _evaluate(model, info, sets, metric_opts, metric_bits, number == 0, samples, quiet, amp_context,
-                  task_prompts)
+                  task_prompts, detection)
+        if detection is not None:
+            detections[info.label] = detection.summary()
         del model
     rows, images = _rows(sets, infos)
     report = {
@@ -408,10 +417,13 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
                          'network': i.network_opt['type'], 'network_from': i.network_source,
                          'parameters': i.parameters, 'training_stages': i.training_stages} for i in infos],
         'notes': _notes(sets), 'rows': rows, 'aggregates': aggregates(rows), 'images': images,
+        'detection': detections,
     }
     files = write_reports(report, results_dir)
     files['samples_png'] = write_samples(list(samples.values()), [i.label for i in infos],
                                          osp.join(results_dir, 'samples.png'))
+    if detections:
+        files['confusion_png'] = write_confusion(detections, confusion_path(results_dir))
     report['files'] = files
     report['archived'] = archived
     logger.info(f'Benchmark written to {results_dir}')
