@@ -208,3 +208,10 @@ def test_tf32_is_opt_in_and_cuda_only(tmp_path, data, monkeypatch):  # noqa: F81
     assert precisions == ['high'] and torch.backends.cudnn.allow_tf32 is True
     build_model(_model_opt(data, tmp_path / 'off'))
     assert precisions == ['high']  # without train.tf32 nothing is set
+
+
+def test_restore_and_benchmark_take_tf32_and_the_benchmark_max_pixels():
+    from datprl_arch import benchmark, restore
+    assert restore.build_parser().parse_args(['in.png', 'out/', '--tf32']).tf32
+    args = benchmark.parse_args(['-opt', 'test.yml', '--tf32', '--max-pixels', str(MAX_PIXELS)])
+    assert args.tf32 and args.max_pixels == MAX_PIXELS
