@@ -416,7 +416,7 @@ def identity_psnr(gt_path, lq_path, crop_border):
 def test_cli_compares_two_checkpoints_against_the_input(bench_data, tmp_path):
     root = bench_data
     process = benchmark_cli(tmp_path, '-opt', str(root / 'bench.yml'), '--ckpt', str(root / 'plain.pth'),
-                            '--ckpt', str(root / 'tuned.pth'), '--quiet')
+                            '--ckpt', str(root / 'tuned.pth'), '--quiet', '--device', 'cpu')  # CPU references
     out, err = process.communicate(timeout=TIMEOUT_S)
     assert process.returncode == 0, out[-3000:] + err[-3000:]
     assert 'Traceback' not in err

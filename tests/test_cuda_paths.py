@@ -211,6 +211,7 @@ def two_fake_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     monkeypatch.setattr(torch.version, 'hip', None)
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)  # bench.use_device sets it: restored afterwards
     for name in ('synchronize', 'reset_peak_memory_stats', 'set_device'):
         monkeypatch.setattr(torch.cuda, name, lambda device=None, name=name: calls.append((name, index(device))))
     monkeypatch.setattr(torch.cuda, 'max_memory_allocated', lambda device=None: calls.append(

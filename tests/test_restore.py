@@ -172,6 +172,11 @@ def checkpoint(tmp_path):
     return str(path), ema
 
 
+#: The device of the restores compared with ``expected`` (computed on the CPU): a GPU's convolutions differ in the low
+#: bits (and run in TF32 by default), so a CUDA machine would fail these comparisons for no CUDA bug.
+CPU = 'cpu'
+
+
 def expected(net, stored, fmt):
     """What restoring ``stored`` (BGR, HxW or HxWxC) with ``net`` must give, computed directly (in the CPU's memory
     format, as the restorer runs it)."""
@@ -209,7 +214,7 @@ def test_restore_8bit_colour_png(tmp_path, checkpoint, capsys):
     ckpt, ema = checkpoint
     img = smooth_image((40, 48, 3), np.uint8)
     cv2.imwrite(str(tmp_path / 'photo.png'), img)
-    assert main(['--ckpt', ckpt, str(tmp_path / 'photo.png'), str(tmp_path / 'out') + '/']) == 0
+    assert main(['--ckpt', ckpt, '--device', CPU, str(tmp_path / 'photo.png'), str(tmp_path / 'out') + '/']) == 0
     out = read(tmp_path / 'out' / 'photo.png')
     assert out.dtype == np.uint8 and out.shape == img.shape
     assert np.array_equal(out, expected(ema, img, ImageFormat(8, 3)))  # params_ema, RGB order, 8-bit
@@ -220,7 +225,8 @@ def test_restore_16bit_gray_png(tmp_path, checkpoint, capsys):
     ckpt, ema = checkpoint
     img = smooth_image((32, 40), np.uint16)
     cv2.imwrite(str(tmp_path / 'slice.png'), img)
-    assert main(['--ckpt', ckpt, '--quiet', str(tmp_path / 'slice.png'), str(tmp_path / 'restored.png')]) == 0
+    assert main(['--ckpt', ckpt, '--device', CPU, '--quiet', str(tmp_path / 'slice.png'),
+                 str(tmp_path / 'restored.png')]) == 0
     out = read(tmp_path / 'restored.png')
     assert out.dtype == np.uint16 and out.shape == img.shape
     assert np.array_equal(out, expected(ema, img, ImageFormat(16, 1)))
@@ -373,7 +379,7 @@ def test_task_and_blend_restore_under_the_chosen_prompt(tmp_path, explicit_check
     for flags in (['--task', 'derain'], ['--task', 'dehaze'], ['--blend', 'derain:dehaze:0'],
                   ['--blend', 'derain:dehaze:1'], ['--blend', 'derain:dehaze:0.3']):
         out = tmp_path / '_'.join(flags).replace(':', '-')
-        assert main(['--ckpt', ckpt, *flags, '--quiet', str(tmp_path / 'a.png'), str(out) + '/']) == 0
+        assert main(['--ckpt', ckpt, '--device', CPU, *flags, '--quiet', str(tmp_path / 'a.png'), str(out) + '/']) == 0
         results[' '.join(flags)] = read(out / 'a.png')
     assert np.array_equal(results['--task derain'], under(net, rain, img))
     assert np.array_equal(results['--task dehaze'], under(net, haze, img))
@@ -389,7 +395,8 @@ def test_blend_of_two_reference_images_uses_their_composed_prompts(tmp_path, che
     for name, value in (('a', img), ('ref_a', ref_a), ('ref_b', ref_b)):
         cv2.imwrite(str(tmp_path / f'{name}.png'), value)
     blend = f"{tmp_path / 'ref_a.png'}:{tmp_path / 'ref_b.png'}:0.25"
-    assert main(['--ckpt', ckpt, '--blend', blend, '--quiet', str(tmp_path / 'a.png'), str(tmp_path / 'o') + '/']) == 0
+    assert main(['--ckpt', ckpt, '--device', CPU, '--blend', blend, '--quiet', str(tmp_path / 'a.png'),
+                 str(tmp_path / 'o') + '/']) == 0
     to_tensor = lambda stored: img2tensor(stored.astype(np.float32) / 255, bgr2rgb=True, float32=True)[None]  # noqa
     with torch.no_grad():
         p_a, p_b = ema.eval().compute_prompt(to_tensor(ref_a)), ema.compute_prompt(to_tensor(ref_b))
