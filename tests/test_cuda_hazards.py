@@ -111,6 +111,8 @@ def test_every_prompt_mode_trains_under_ddp_with_its_loss_weights_at_0(tmp_path,
         assert model.nonfinite_steps == 0
     after = model.get_bare_model(model.net_g).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    model.test()  # validation (rank 0): ExplicitPrompt's untrained classifier is not asked, the labels choose
+    assert model.output.shape == batch['gt'].shape
 
 
 # ---------------------------------------------------------------------------------------------- large validation images

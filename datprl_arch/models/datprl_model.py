@@ -38,6 +38,7 @@ from basicsr.utils.dist_util import master_only
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from ..archs.prompt import dead_parameter_names
+from ..archs.prompt.modes.mio import ExplicitPrompt
 from ..data.multidomain_dataset import training_set
 from ..errors import DatprlError
 from ..evaluation.metrics import metric_bits_note, parse_metric_bits, score
@@ -401,13 +402,27 @@ class DATPRLModel(SRModel):
         net = self._tested_net()
         was_training = net.training
         net.eval()
-        with torch.no_grad(), self._eager():
+        with torch.no_grad(), self._eager(), self._validation_labels(net):
             self.output, side = bounded_forward(net, self.lq, self.max_pixels)
         net.train(was_training)
         if side is not None and not self._tiling_logged:
             get_root_logger().info(f'Images above val.max_pixels ({self.max_pixels}) are tested in tiles of {side} '
                                    'pixels under the prompt of the whole image.')
             self._tiling_logged = True
+
+    def _validation_labels(self, net):
+        """Validation in training of a prompt mode that cannot choose its prompt blind (``ExplicitPrompt`` with
+        ``classifier_weight: 0``: its classifier never trained) runs under the batch's task labels, as the benchmark's
+        ``--task-prompts`` does; everything else (and testing, which refuses such a checkpoint blind) unchanged."""
+        mode = getattr(net, 'prompt_mode', None)
+        blind = isinstance(mode, ExplicitPrompt) and not mode.classifier_weight
+        if not (self.opt['is_train'] and blind and getattr(self, 'task_names', None)):
+            return nullcontext()
+        if not getattr(self, '_labels_logged', False):
+            get_root_logger().info(f'{type(mode).__name__} with classifier_weight: 0 validates under the task labels '
+                                   'of the validation sets (its classifier is untrained).')
+            self._labels_logged = True
+        return net.task_labels(self.task_names)
 
     def _eager(self):
         """With ``train.compile`` the bare network validates uncompiled (as the EMA network does): static-shape
