@@ -62,6 +62,7 @@ def _fail(message: str, status: int = 1) -> None:
 def environment(allow_cpu: bool) -> None:
     """The software and the GPU the figures come from; exits ``NO_CUDA`` without a CUDA device (unless allowed)."""
     import torch
+    from torch import distributed
 
     _emit('python', f'{sys.version.split()[0]} ({sys.executable})')
     _emit('torch', torch.__version__)
@@ -72,7 +73,7 @@ def environment(allow_cpu: bool) -> None:
                   f'{os.environ.get("CUDA_VISIBLE_DEVICES")!r}): run this on a GPU machine, or use --dry-run or '
                   '--cpu-smoke.', NO_CUDA)
         return
-    nccl = '.'.join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else 'none'
+    nccl = '.'.join(map(str, torch.cuda.nccl.version())) if distributed.is_nccl_available() else 'none'
     _emit('cuda', f'{torch.version.cuda}, cudnn {torch.backends.cudnn.version()}, nccl {nccl}, '
                   f'{torch.cuda.device_count()} GPU(s)')
     props = torch.cuda.get_device_properties(0)

@@ -33,8 +33,9 @@ def helper():
 
 
 def _script(*args, **env):
+    path = os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')]))  # gpu_check's own wheels stay
     return subprocess.run(['bash', SCRIPT, *args], capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S,
-                          env=dict(os.environ, PYTHON=sys.executable, PYTHONPATH=REPO, **env))
+                          env=dict(os.environ, PYTHON=sys.executable, PYTHONPATH=path, **env))
 
 
 def test_the_script_parses_and_stops_without_cuda_before_writing_anything():
