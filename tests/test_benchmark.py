@@ -648,3 +648,16 @@ def test_a_results_folder_that_cannot_be_written_is_named_without_a_traceback(be
                         exit_info.value.code)
     assert os.listdir(results) == ['bench_tiny'] and os.listdir(results / 'bench_tiny') == []
     assert 'Traceback' not in capsys.readouterr().err
+
+
+def test_max_pixels_reaches_the_model_test_and_is_checked(bench_data, tmp_path, monkeypatch):
+    """--max-pixels becomes val.max_pixels, which DATPRLModel.test tiles by (tiling itself: test_cuda_hazards)."""
+    from datprl_arch.models import datprl_model
+    seen, real = [], datprl_model.bounded_forward
+    monkeypatch.setattr(datprl_model, 'bounded_forward',
+                        lambda net, x, max_pixels: seen.append(max_pixels) or real(net, x, max_pixels))
+    option, ckpt = str(bench_data / 'bench.yml'), str(bench_data / 'plain.pth')
+    run_benchmark(option, [ckpt], name='bounded', quiet=True, root=str(tmp_path), device='cpu', max_pixels=4096)
+    assert seen and set(seen) == {4096}
+    with pytest.raises(BenchmarkError, match=r'--max-pixels 100: expected at least 1600'):
+        run_benchmark(option, [ckpt], name='small', quiet=True, root=str(tmp_path), device='cpu', max_pixels=100)

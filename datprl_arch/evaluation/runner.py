@@ -329,6 +329,24 @@ def _notes(sets) -> list[str]:
     return notes
 
 
+def _check_max_pixels(max_pixels: Optional[int]) -> None:
+    if max_pixels is not None and max_pixels < min_tiled_pixels():
+        raise BenchmarkError(f'--max-pixels {max_pixels}: expected at least {min_tiled_pixels()} (tiles must be '
+                             'larger than their overlap).')
+
+
+def _tiling_and_tf32(test_opt: dict, max_pixels: Optional[int], tf32: bool, device: str, logger) -> None:
+    """``--max-pixels`` as ``val.max_pixels`` (``DATPRLModel.test`` tiles the images above it under their whole-image
+    prompt) and ``--tf32`` (:func:`~datprl_arch.utils.precision.use_tf32`), both said in the log."""
+    if max_pixels is not None:
+        test_opt['val'] = dict(test_opt.get('val') or {}, max_pixels=max_pixels)
+    if (test_opt.get('val') or {}).get('max_pixels') is not None:
+        logger.info(f"Images above {test_opt['val']['max_pixels']} pixels are restored in tiles under the prompt "
+                    'of the whole image.')
+    if tf32:
+        logger.info(use_tf32(torch.device(device)))
+
+
 def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optional[str] = None,
                   metric_bits: str = NATIVE, device: Optional[str] = None, quiet: bool = False,
                   root: Optional[str] = None, amp: Optional[str] = None, task_prompts: bool = False,
@@ -361,9 +379,7 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
     checkpoints = [osp.expanduser(c) for c in checkpoints]
     infos = _inspect_checkpoints(checkpoints, opt.get('network_g'), option_file)
     device = resolve_device(device)
-    if max_pixels is not None and max_pixels < min_tiled_pixels():
-        raise BenchmarkError(f'--max-pixels {max_pixels}: expected at least {min_tiled_pixels()} (tiles must be '
-                             'larger than their overlap).')
+    _check_max_pixels(max_pixels)
     problem = amp_problem(torch.device(device), amp) if amp is not None else None
     if problem:
         raise BenchmarkError(f'--amp {amp}: {problem}')
@@ -377,13 +393,7 @@ def run_benchmark(option_file: str, checkpoints: Sequence[str] = (), name: Optio
                 f'{amp or "float32"}, {threads or torch.get_num_threads()} CPU threads. '
                 f'{metric_bits_note(metric_bits)}')
     test_opt = _test_options(opt, option_file, results_dir, device)
-    if max_pixels is not None:
-        test_opt['val'] = dict(test_opt.get('val') or {}, max_pixels=max_pixels)
-    if (test_opt.get('val') or {}).get('max_pixels') is not None:
-        logger.info(f"Images above {test_opt['val']['max_pixels']} pixels are restored in tiles under the prompt "
-                    'of the whole image.')
-    if tf32:
-        logger.info(use_tf32(torch.device(device)))
+    _tiling_and_tf32(test_opt, max_pixels, tf32, device, logger)
     set_random_seed(int(test_opt.get('manual_seed') or 0))
     metric_opts, metric_origin = benchmark_metric_opts(test_opt)
     sets = _build_sets(test_opt, option_file)
