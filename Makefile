@@ -15,7 +15,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 MD_MINI := datasets/md_mini
 
-.PHONY: install demo demo-ablation demo-methods test test-fast lint clean
+.PHONY: install demo demo-ablation demo-methods release-model test test-fast lint clean
 
 install: $(STAMP)
 
@@ -58,6 +58,26 @@ METHODS_BUDGET := train:total_iter=2000 'train:scheduler:periods=[2000]' train:p
 demo-methods: $(MD_MINI)/texts.pt
 	$(PY) -m datprl_arch.ablation --configs $(METHODS) --seeds $(SEEDS) --name datprl_md_mini_methods \
 		--force_yml $(METHODS_BUDGET)
+
+# The release model (docs/model_card.md): the long training (resumable: stop it and run make release-model again),
+# then the shipped file, its benchmarks on validation, test and the unseen check, the learning curve and the card.
+# THREADS=1 beside other work (README, "Threads").
+RELEASE_RUN := experiments/datprl_md_mini_release
+RELEASE_ITER := $(shell $(PYTHON) -c "import yaml; print(yaml.safe_load(open('options/release/md_mini_release.yml'))['train']['total_iter'])" 2>/dev/null)
+THREADS ?= 2
+release-model: $(MD_MINI)/texts.pt
+	$(PY) -m datprl_arch.train -opt options/release/md_mini_release.yml --auto_resume --threads $(THREADS)
+	$(PY) -m datprl_arch.tools.release --ckpt $(RELEASE_RUN)/models/net_g_latest.pth \
+		--recipe options/release/md_mini_release.yml --overwrite
+	for split in val test unseen; do \
+		$(PY) -m datprl_arch.benchmark -opt options/demo/md_mini_$$split.yml --ckpt release \
+			--name md_mini_release_$$split --threads $(THREADS) --quiet || exit 1; done
+	$(PY) -m datprl_arch.tools.learning_curve $(RELEASE_RUN)/metrics.json=DATPRL \
+		--inputs results/md_mini_release_val/report.json --out docs/img/learning_curve.png
+	$(PY) -m datprl_arch.tools.model_card --report validation=results/md_mini_release_val/report.json \
+		--report test=results/md_mini_release_test/report.json --report unseen=results/md_mini_release_unseen/report.json \
+		--analysis $(RELEASE_RUN)/prompt_analysis/$(RELEASE_ITER) --notes docs/model_card_notes.md \
+		--training "make release-model THREADS=$(THREADS)" --out docs/model_card.md
 
 test: lint
 	$(PY) -m pytest -q tests
