@@ -85,7 +85,8 @@ REPO=$PWD
 PY=${PYTHON:-python3}
 HELPER=scripts/gpu_check.py
 WHEELS=${WHEELS:-${GPU_CHECK_WHEELS:-.gpu_check}}
-if [ "$MODE" = prepare ]; then
+if [ "$MODE" = prepare ]; then # basicsr's wheel is built with the project's environment (make install) when there
+    [ -n "${PYTHON:-}" ] || [ ! -x .venv/bin/python ] || PY=.venv/bin/python
     exec "$PY" scripts/gpu_check_prepare.py prepare "$WHEELS" --python-version "$PYTHON_VERSION"
 fi
 
