@@ -6,12 +6,16 @@
 
     python -m datprl_arch.restore --ckpt explicit.pth INPUT OUTPUT --task derain
     python -m datprl_arch.restore --ckpt explicit.pth INPUT OUTPUT --blend derain:dehaze:0.3
+    python -m datprl_arch.restore --ckpt net_g_latest_calibrated.pth INPUT OUTPUT --explain --guard
 
 INPUT is an image or a folder (PNG, TIFF, JPEG; 8/16-bit; gray or colour), OUTPUT a file or a folder; outputs keep
 the input's name, bit depth and channels (an alpha channel is written back unchanged; a palette PNG is written in full
 colour). An image that cannot be read is named and skipped; the others are restored, and the exit status is 1.
 ``--task``/``--blend`` fix the prompt of every image
-(:mod:`datprl_arch.inference.prompt_control`). The library is :mod:`datprl_arch.inference.restore`.
+(:mod:`datprl_arch.inference.prompt_control`). ``--explain`` writes ``restore_report.csv``/``.json`` beside the
+outputs and ``--guard`` keeps or blends towards the input what the network should leave alone, with the detection
+head of a checkpoint calibrated by ``tools.calibrate`` (:mod:`datprl_arch.inference.guard`). The library is
+:mod:`datprl_arch.inference.restore`.
 """
 from __future__ import annotations
 

@@ -26,6 +26,8 @@ from datprl_arch.inference.detection import (CLEAN_TASK, HEAD_KEY, DetectionErro
 from datprl_arch.inference.guard import (BLENDED, GUARD_OFF, KEPT_INPUT, REPORT_CSV, REPORT_FIELDS, REPORT_JSON,
                                          RESTORED, Explainer)
 from datprl_arch.restore import main as restore_main
+from datprl_arch.tools.calibrate import default_out
+from datprl_arch.tools.calibrate import main as calibrate_main
 from datprl_arch.utils.checkpoint import METADATA_KEY, NETWORK_KEY, read_checkpoint, save_safetensors
 from datprl_arch.utils.registry import register
 
@@ -461,3 +463,33 @@ def test_the_benchmark_reports_detection_of_checkpoints_with_a_head(toy, tmp_pat
     assert '| natural_denoise | 3 | 100.0% |' in markdown
     with open(results / 'report.json') as f:
         assert json.load(f)['detection']['toy_head']['overall']['task']['accuracy'] == 1.0
+
+
+def test_a_tiled_image_is_detected_from_the_whole_image(toy, tmp_path):
+    cv2.imwrite(str(tmp_path / 'a.png'), to8(toy_image('remote_sensing', 'derain', np.random.default_rng(10))[1]))
+    assert restore('--ckpt', toy['calibrated'], '--explain', tmp_path / 'a.png', f"{tmp_path / 'whole'}/") == 0
+    assert restore('--ckpt', toy['calibrated'], '--explain', '--tile', 16, '--tile-overlap', 4, tmp_path / 'a.png',
+                   f"{tmp_path / 'tiled'}/") == 0
+    whole, tiled = report_rows(tmp_path / 'whole')[1]['a.png'], report_rows(tmp_path / 'tiled')[1]['a.png']
+    assert (whole['tiles'], whole['tile_side'], tiled['tiles'], tiled['tile_side']) == ('1', '', '4', '16')
+    for column in ('domain', 'domain_probability', 'task', 'task_probability'):
+        assert whole[column] == tiled[column]
+    assert (whole['domain'], whole['task']) == ('remote_sensing', 'derain')
+
+
+def test_the_calibrate_command_prints_its_figures_and_never_replaces_a_file(toy, tmp_path, capsys):
+    out, figures = tmp_path / 'head.pth', tmp_path / 'figures.json'
+    args = ['--ckpt', toy['ckpt'], '-opt', toy['val'], '--out', str(out), '--test', toy['test'], '--device', 'cpu',
+            '--json', str(figures), '--quiet']
+    assert calibrate_main(args) == 0
+    printed = capsys.readouterr().out
+    assert f'Detection head written to {out}' in printed and 'validation (out of fold): domain 100.0%' in printed
+    assert f"{toy['test']}: domain 100.0%" in printed and 'guard: task confidence below' in printed
+    with open(figures) as f:
+        stored = json.load(f)
+    assert stored['tests'][toy['test']]['overall']['task']['accuracy'] == 1.0
+    assert stored['head'] == read_head(str(out)).to_dict()
+    with pytest.raises(SystemExit, match='head.pth exists; pass --overwrite'):
+        calibrate_main(args)
+    assert default_out('runs/net_g_400.pth') == 'runs/net_g_400_calibrated.pth'
+    assert default_out('release') == 'md_mini_release_calibrated.safetensors'  # never inside the package
