@@ -98,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     get_root_logger().setLevel(logging.WARNING if args.quiet else logging.INFO)
-    get_root_logger().info(f'CPU threads: {use_threads(args.threads)}')
+    threads = use_threads(args.threads)
     try:
         jobs = plan_jobs(args.input, args.output)
         restorer = load_restorer(args.ckpt, args.opt, args.param_key, args.device, args.amp, args.tile,
@@ -106,6 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         explainer = load_explainer(restorer, args.ckpt, args.explain, args.guard)
     except (RestoreError, CheckpointError, OptionFileError, DetectionError) as err:
         sys.exit(f'{PROG}: error: {err}')
+    get_root_logger().info(f'CPU threads: {threads}')
     if args.tf32:
         get_root_logger().info(use_tf32(restorer.device))
     records = []
