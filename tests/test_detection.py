@@ -493,3 +493,18 @@ def test_the_calibrate_command_prints_its_figures_and_never_replaces_a_file(toy,
         calibrate_main(args)
     assert default_out('runs/net_g_400.pth') == 'runs/net_g_400_calibrated.pth'
     assert default_out('release') == 'md_mini_release_calibrated.safetensors'  # never inside the package
+
+
+def test_a_bare_state_dict_gets_its_network_and_head_beside_it(toy, tmp_path):
+    torch.manual_seed(0)
+    net = build_network(dict(TOY))
+    bare = str(tmp_path / 'bare.pth')
+    torch.save(net.state_dict(), bare)  # no network_g: calibrate takes the option file's
+    result = calibrate(bare, toy['val'], str(tmp_path / 'bare_head.pth'), device='cpu')
+    stored = read_checkpoint(str(tmp_path / 'bare_head.pth'))
+    assert set(stored) == {'params', NETWORK_KEY, HEAD_KEY} and stored[NETWORK_KEY] == TOY
+    assert all(torch.equal(stored['params'][k], v) for k, v in net.state_dict().items())
+    assert_same_head(read_head(str(tmp_path / 'bare_head.pth')), result['head'])
+    cv2.imwrite(str(tmp_path / 'a.png'), to8(toy_image('natural', 'clean', np.random.default_rng(11))[1]))
+    assert restore('--ckpt', tmp_path / 'bare_head.pth', '--explain', tmp_path / 'a.png', f"{tmp_path / 'out'}/") == 0
+    assert report_rows(tmp_path / 'out')[1]['a.png']['task'] == 'clean'

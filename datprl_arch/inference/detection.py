@@ -27,8 +27,8 @@ from torch import nn
 from ..archs.prompt import PromptState, PromptSystem
 from ..errors import DatprlError
 from ..utils.atomic import atomic_torch_save
-from ..utils.checkpoint import (METADATA_KEY, NETWORK_KEY, SAFETENSORS_PARAM_KEY, extract_state_dict, read_checkpoint,
-                                save_safetensors)
+from ..utils.checkpoint import (LIGHTNING_KEY, METADATA_KEY, NETWORK_KEY, PARAM_KEYS, SAFETENSORS_PARAM_KEY,
+                                extract_state_dict, read_checkpoint, save_safetensors)
 from ..weights import resolve_checkpoint
 
 #: Entry of a ``.pth`` checkpoint, and metadata key of a ``.safetensors`` one, that holds the detection head.
@@ -221,7 +221,8 @@ def read_head(ckpt_path: str) -> Optional[DetectionHead]:
 def save_with_head(src: str, dst: str, head: DetectionHead, network: Mapping) -> None:
     """Write a copy of checkpoint ``src`` with ``head`` to ``dst``, atomically; ``src`` is never modified.
 
-    ``.pth``/``.ckpt``: every entry of ``src`` plus :data:`HEAD_KEY` (and ``network_g`` when ``src`` carries none).
+    ``.pth``/``.ckpt``: every entry of ``src`` plus :data:`HEAD_KEY` (and ``network_g`` when ``src`` carries none;
+    a bare state_dict becomes the ``params`` entry).
     ``.safetensors``: the same tensors and header metadata, plus the head as JSON under :data:`HEAD_KEY`.
     """
     src = resolve_checkpoint(src)
@@ -239,7 +240,8 @@ def save_with_head(src: str, dst: str, head: DetectionHead, network: Mapping) ->
         metadata[HEAD_KEY] = json.dumps(head.to_dict())
         save_safetensors(tensors, dst, checkpoint.get(NETWORK_KEY) or network, metadata)
         return
-    copy = dict(checkpoint)
+    weights = (*PARAM_KEYS, LIGHTNING_KEY)
+    copy = dict(checkpoint) if any(k in checkpoint for k in weights) else {PARAM_KEYS[-1]: dict(checkpoint)}
     copy.setdefault(NETWORK_KEY, dict(network))
     copy[HEAD_KEY] = head.to_dict()
     atomic_torch_save(copy, dst)
