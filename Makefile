@@ -5,6 +5,7 @@
 #   make test   install once, lint, then run the test suite (all of it: exactly what .ci/run runs)
 # Also: make demo-ablation (prompt-free backbone, task pool only, full DATPRL; 3 seeds each at the demo's budget),
 #       make demo-methods (the related methods as prompt modes beside DATPRL, one seed each at the demo's budget),
+#       make release-model (the shipped release model's long training, file, benchmarks and card; THREADS=1),
 #       make test-fast (the suite without the slow end-to-end subprocess tests, for the edit loop),
 #       make lint (flake8 and isort at 120 columns, configured in setup.cfg).
 # Installation is stamped in $(VENV)/.installed and reruns only when setup.py or requirements/ change.
