@@ -18,11 +18,12 @@ from torch import nn
 from basicsr.archs import build_network
 from basicsr.utils.registry import ARCH_REGISTRY
 from datprl_arch.archs.prompt import PoolSpec, PromptConfig, PromptSystem
+from datprl_arch.evaluation.aggregate import CLEAN_TASK
 from datprl_arch.evaluation.detection import DetectionTally, expected_calibration_error
 from datprl_arch.evaluation.runner import run_benchmark
 from datprl_arch.inference.calibration import UNSURE_CEILING, calibrate, fit_temperature, fold_indices
-from datprl_arch.inference.detection import (CLEAN_TASK, HEAD_KEY, DetectionError, DetectionHead, GuardThresholds,
-                                             change_psnr, read_head, save_with_head)
+from datprl_arch.inference.detection import (HEAD_KEY, DetectionError, DetectionHead, GuardThresholds, change_psnr,
+                                             read_head, save_with_head)
 from datprl_arch.inference.guard import (BLENDED, GUARD_OFF, KEPT_INPUT, REPORT_CSV, REPORT_FIELDS, REPORT_JSON,
                                          RESTORED, Explainer)
 from datprl_arch.restore import main as restore_main

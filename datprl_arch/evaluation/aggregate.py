@@ -16,6 +16,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+#: The task of clean sources (the input is the ground truth): their sets have no gain, only the output's PSNR
+#: against the input; reports, model cards and learning curves tell them apart by it.
+CLEAN_TASK = 'clean'
+
 #: Metrics a benchmark reports, each scored on the input and on the output.
 METRICS = ('psnr', 'ssim')
 #: Upper 97.5 % quantiles of Student's t by degrees of freedom (two-sided 95 % intervals). Between entries the

@@ -30,12 +30,12 @@ from basicsr.data import build_dataset
 from basicsr.utils import get_root_logger
 
 from ..data.sources import DataSourceError
+from ..evaluation.aggregate import CLEAN_TASK
 from ..evaluation.detection import DetectionTally
 from ..options import load_option_file
 from ..utils.checkpoint import PARAM_KEYS, network_options, read_checkpoint
-from .detection import (CLASSIFIER, CLEAN_TASK, LABEL_KINDS, MIN_FEATURE_STD, DetectionError, DetectionHead,
-                        GuardThresholds, LinearHead, change_psnr, feature_kind, image_features, read_head,
-                        save_with_head)
+from .detection import (CLASSIFIER, LABEL_KINDS, MIN_FEATURE_STD, DetectionError, DetectionHead, GuardThresholds,
+                        LinearHead, change_psnr, feature_kind, image_features, read_head, save_with_head)
 
 #: Folds of the cross-validation that chooses the penalty and fits the temperature.
 CV_FOLDS = 5

@@ -40,8 +40,6 @@ POOLS, CLASSIFIER, PROMPT = 'pools', 'classifier', 'prompt'
 FEATURE_KINDS = (POOLS, CLASSIFIER, PROMPT)
 #: Label kinds a head detects, in report order.
 LABEL_KINDS = ('domain', 'task')
-#: The task label of an undegraded image: the guard returns such an image unchanged.
-CLEAN_TASK = 'clean'
 #: Smallest feature standard deviation used for standardising (constant features are left centred, not blown up).
 MIN_FEATURE_STD = 1e-6
 

@@ -26,8 +26,9 @@ import torch
 
 from basicsr.utils import get_root_logger
 
+from ..evaluation.aggregate import CLEAN_TASK
 from ..utils.atomic import atomic_write_bytes, atomic_write_json
-from .detection import CLEAN_TASK, DetectionError, DetectionHead, change_psnr, feature_kind, image_features, read_head
+from .detection import DetectionError, DetectionHead, change_psnr, feature_kind, image_features, read_head
 
 #: File names of the report, written into the output folder.
 REPORT_CSV, REPORT_JSON = 'restore_report.csv', 'restore_report.json'

@@ -23,8 +23,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..evaluation.aggregate import CLEAN_TASK
+from ..utils.atomic import atomic_write_file
+
 PROG = 'python -m datprl_arch.tools.learning_curve'
-CLEAN_TASK = 'clean'
 OVERALL = 'all'
 #: Panels of the figure, in order: the overall gain, each domain's gain, the worst clean set.
 CLEAN_PANEL = 'clean (worst domain, PSNR vs input)'
@@ -100,8 +102,6 @@ def plot(curves: 'OrderedDict[str, OrderedDict]', out: str) -> None:
         ax.grid(True, which='both', alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    from ..utils.atomic import atomic_write_file
-
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     atomic_write_file(out, lambda tmp: fig.savefig(tmp, dpi=FIGURE_DPI, format=os.path.splitext(out)[1][1:]))
     plt.close(fig)

@@ -24,12 +24,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..evaluation.aggregate import CLEAN_TASK
+from ..utils.atomic import atomic_write_bytes
 from ..utils.checkpoint import (METADATA_KEY, NETWORK_KEY, SAFETENSORS_PARAM_KEY, CheckpointError, file_sha256,
                                 read_checkpoint)
 from ..weights import resolve_checkpoint
 
 PROG = 'python -m datprl_arch.tools.model_card'
-CLEAN_TASK = 'clean'
 #: The release targets (issue 24): every test set at least this far above its input, in dB ...
 MIN_SET_GAIN = 0.3
 #: ... the test mean at least this gain ...
@@ -196,8 +197,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         text = card(args.weights, reports, args.checkpoint, args.analysis, args.training, args.notes)
     except (CardError, CheckpointError) as err:
         sys.exit(f'{PROG}: error: {err}')
-    from ..utils.atomic import atomic_write_bytes
-
     atomic_write_bytes(text.encode('utf-8'), args.out)
     sys.stdout.write(f'wrote {args.out}\n')
     return 0
